@@ -1,0 +1,369 @@
+"""The WebSocket consumer: parse a frame, apply it through a service, send the result.
+
+Each socket is one session. A session knows the calls it is party to
+(`self.calls`), kept current by channel-layer events, so relaying offers,
+answers and candidates is a memory lookup and never touches the database.
+Layer event types are always set here, never taken from a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from calls import lifecycle, protocol
+from calls.lifecycle import CallRecord, CallRefused
+from calls.presence import JoinRefused, SessionInfo
+from calls.protocol import ProtocolError
+from calls.runtime import Runtime, user_group
+from calls.security import TokenInvalid, new_bucket, verify_token
+from calls.states import EndReason
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_POLICY = 1008
+# Refused frames in a row (after rate limiting) before a flooding client is cut off.
+FLOOD_STRIKES = 20
+
+
+@dataclass(slots=True)
+class LiveCall:
+    """This session's view of a call it is party to."""
+
+    call_id: str
+    peer_username: str
+    is_caller: bool
+    # Where the other party's signaling goes: one session, or (before the answer,
+    # from the caller) every session of the callee.
+    peer_channel: str = ""
+    answered: bool = False
+
+
+class SignalingConsumer(AsyncWebsocketConsumer):
+    """One client socket speaking the v1 protocol and its additions."""
+
+    async def connect(self) -> None:
+        self.runtime = Runtime.current()
+        await self.runtime.start()
+        self.session: SessionInfo | None = None
+        self.delta_presence = False
+        self.calls: dict[str, LiveCall] = {}
+        self.bucket = new_bucket()
+        self.strikes = 0
+        await self.accept()
+        self.register_deadline = asyncio.get_running_loop().call_later(
+            settings.SIGNALING_REGISTER_TIMEOUT, self._register_timeout
+        )
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections before every handler, a
+        # thread hop per message; only lifecycle handlers use the database, and
+        # they do it through database_sync_to_async, which does that housekeeping.
+        handler = getattr(self, message["type"].replace(".", "_"), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    def _register_timeout(self) -> None:
+        if self.session is None:
+            logger.info("session %s closed: no register within the deadline", self.channel_name)
+            asyncio.get_running_loop().create_task(self.close(code=CLOSE_POLICY))
+
+    # --- Inbound frames ------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if not self.bucket.take():
+            self.strikes += 1
+            if self.strikes >= FLOOD_STRIKES:
+                logger.warning("session %s disconnected for flooding", self.channel_name)
+                await self.close(code=CLOSE_POLICY)
+                return
+            await self.send_error(protocol.RATE_LIMITED, "Too many messages; slow down")
+            return
+        self.strikes = 0
+        if text_data is None:
+            await self.send_error(protocol.INVALID_MESSAGE, "Binary frames are not supported; send JSON text")
+            return
+        if len(text_data) > settings.SIGNALING_MAX_MESSAGE_BYTES or (
+            len(text_data.encode()) > settings.SIGNALING_MAX_MESSAGE_BYTES
+        ):
+            await self.send_error(
+                protocol.MESSAGE_TOO_LARGE, f"Messages are limited to {settings.SIGNALING_MAX_MESSAGE_BYTES} bytes"
+            )
+            return
+        try:
+            message = protocol.parse_message(text_data)
+            if self.session is None and not isinstance(message, protocol.Register):
+                if not isinstance(message, protocol.Ping):
+                    raise ProtocolError(protocol.NOT_REGISTERED, "Register first")
+            await self.handle(message)
+        except ProtocolError as exc:
+            await self.send_error(exc.code, exc.message)
+        except CallRefused as exc:
+            await self.send_error(exc.code, exc.message)
+        except Exception:
+            logger.exception("session %s: failed to handle a message", self.channel_name)
+            await self.send_error(protocol.INTERNAL_ERROR, "The server could not handle that message")
+
+    async def handle(self, message: protocol.Message) -> None:
+        match message:
+            case protocol.Signal():
+                await self.relay_signal(message)
+            case protocol.Register():
+                await self.register(message)
+            case protocol.CallRequest():
+                await self.request_call(message)
+            case protocol.CallAnswer(type=protocol.CALL_ACCEPTED):
+                await self.accept_call(message)
+            case protocol.CallAnswer():
+                await self.reject_call(message)
+            case protocol.CallEnd():
+                await self.end_call(message)
+            case protocol.HistoryRequest():
+                await self.send_history(message)
+            case protocol.Ping():
+                await self.send_json({"type": protocol.PONG, "server_time": protocol.utc_timestamp()})
+
+    async def register(self, message: protocol.Register) -> None:
+        username = message.username
+        if settings.SIGNALING_AUTH == "token":
+            try:
+                username = verify_token(message.token)
+            except TokenInvalid as exc:
+                await self.send_error(protocol.UNAUTHORIZED, str(exc))
+                await self.close(code=CLOSE_UNAUTHORIZED)
+                return
+        if self.session is not None:
+            if self.session.username != username:
+                raise ProtocolError(protocol.ALREADY_REGISTERED, "This socket is already registered")
+            await self.send_registered()
+            return
+        session = SessionInfo(self.channel_name, username, message.user_id)
+        try:
+            came_online = await self.runtime.store.join(
+                session, settings.SIGNALING_MAX_SESSIONS_PER_USER, settings.SIGNALING_PRESENCE_TTL
+            )
+        except JoinRefused as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+        self.session = session
+        self.register_deadline.cancel()
+        self.runtime.sessions[self.channel_name] = self
+        await self.channel_layer.group_add(user_group(username), self.channel_name)
+        await database_sync_to_async(lifecycle.touch_user)(username, message.user_id)
+        logger.info("session %s registered as %s", self.channel_name, username)
+        await self.send_registered()
+        self.delta_presence = message.presence == "delta"
+        self.runtime.hub.listen(self.channel_name, self.send_text, self.delta_presence)
+        if came_online:
+            await self.runtime.presence_changed()
+
+    async def send_registered(self) -> None:
+        await self.send_json(
+            {"type": protocol.REGISTERED, "username": self.session.username, "user_id": self.session.user_id}
+        )
+
+    async def request_call(self, message: protocol.CallRequest) -> None:
+        me, target = self.session.username, message.target_username
+        if target == me:
+            raise ProtocolError(protocol.INVALID_MESSAGE, "You cannot call yourself")
+        if not await self.runtime.store.sessions_of(target):
+            raise ProtocolError(protocol.USER_OFFLINE_CODE, f"{target} is not online")
+        record: CallRecord = await database_sync_to_async(lifecycle.start_call)(
+            me, self.channel_name, target, settings.SIGNALING_RING_TIMEOUT
+        )
+        if record.end_reason == EndReason.BUSY:
+            await self.send_json(
+                {
+                    "type": protocol.CALL_REJECTED,
+                    "rejecter_username": target,
+                    "call_id": record.call_id,
+                    "reason": EndReason.BUSY,
+                }
+            )
+            return
+        self.calls[record.call_id] = LiveCall(record.call_id, target, is_caller=True)
+        self.runtime.schedule_ring_timeout(record.call_id)
+        await self.channel_layer.group_send(
+            user_group(target),
+            {
+                "type": "call.incoming",
+                "call_id": record.call_id,
+                "caller_username": me,
+                "caller_id": self.session.user_id,
+                "caller_channel": self.channel_name,
+            },
+        )
+        await self.send_json({"type": protocol.CALL_RINGING, "call_id": record.call_id, "target_username": target})
+
+    def find_call(self, call_id: str | None, peer: str | None, *, ringing_for_me: bool = False) -> LiveCall | None:
+        """Find one of this session's calls by id, or by the other party's username."""
+        if call_id is not None:
+            call = self.calls.get(call_id)
+            if call is not None and peer is not None and call.peer_username != peer:
+                return None
+        else:
+            call = next((c for c in reversed(self.calls.values()) if c.peer_username == peer), None)
+        if call is not None and ringing_for_me and (call.is_caller or call.answered):
+            return None
+        return call
+
+    async def accept_call(self, message: protocol.CallAnswer) -> None:
+        call = self.find_call(message.call_id, message.caller_username, ringing_for_me=True)
+        if call is None:
+            raise ProtocolError(protocol.NOT_RINGING, "That call is not ringing for you")
+        record = await database_sync_to_async(lifecycle.accept_call)(
+            call.call_id, self.session.username, self.channel_name
+        )
+        self.runtime.cancel_ring_timeout(call.call_id)
+        call.answered = True
+        call.peer_channel = record.caller_channel
+        await self.channel_layer.send(
+            record.caller_channel,
+            {
+                "type": "call.accepted",
+                "call_id": call.call_id,
+                "accepter_username": self.session.username,
+                "accepter_channel": self.channel_name,
+            },
+        )
+        await self.channel_layer.group_send(
+            user_group(self.session.username),
+            {"type": "call.answered_elsewhere", "call_id": call.call_id, "answered_channel": self.channel_name},
+        )
+
+    async def reject_call(self, message: protocol.CallAnswer) -> None:
+        call = self.find_call(message.call_id, message.caller_username, ringing_for_me=True)
+        if call is None:
+            raise ProtocolError(protocol.NOT_RINGING, "That call is not ringing for you")
+        record = await database_sync_to_async(lifecycle.end_call)(
+            call.call_id, EndReason.REJECTED, self.channel_name, self.session.username
+        )
+        self.calls.pop(call.call_id, None)
+        if record is not None:
+            await self.runtime.notify_call_ended(record)
+
+    async def end_call(self, message: protocol.CallEnd) -> None:
+        call = self.find_call(message.call_id, message.target_username)
+        if call is None:
+            raise ProtocolError(protocol.NOT_IN_CALL, "You are not in a call with that user")
+        self.calls.pop(call.call_id, None)
+        record = await database_sync_to_async(lifecycle.end_call)(
+            call.call_id, EndReason.HANGUP, self.channel_name, self.session.username
+        )
+        if record is not None:
+            await self.runtime.notify_call_ended(record)
+
+    async def relay_signal(self, message: protocol.Signal) -> None:
+        call = self.find_call(message.call_id, message.target_username)
+        if call is None:
+            raise ProtocolError(protocol.NOT_IN_CALL, f"You are not in a call with {message.target_username}")
+        text = protocol.encode(protocol.signal(message.type, self.session.username, message.data, call.call_id))
+        event = {"type": "call.signal", "call_id": call.call_id, "text": text}
+        if call.peer_channel:
+            await self.channel_layer.send(call.peer_channel, event)
+        else:
+            await self.channel_layer.group_send(user_group(call.peer_username), event)
+
+    async def send_history(self, message: protocol.HistoryRequest) -> None:
+        calls = await database_sync_to_async(lifecycle.call_history)(self.session.username, message.limit)
+        await self.send_json({"type": protocol.CALL_HISTORY, "calls": calls})
+
+    # --- Channel-layer events (types set by this server only) -----------
+
+    async def call_incoming(self, event: dict[str, Any]) -> None:
+        if self.session is None:
+            return
+        call_id = event["call_id"]
+        self.calls[call_id] = LiveCall(
+            call_id, event["caller_username"], is_caller=False, peer_channel=event["caller_channel"]
+        )
+        await self.send_json(
+            {
+                "type": protocol.INCOMING_CALL,
+                "caller_username": event["caller_username"],
+                "caller_id": event["caller_id"],
+                "call_id": call_id,
+            }
+        )
+
+    async def call_accepted(self, event: dict[str, Any]) -> None:
+        call = self.calls.get(event["call_id"])
+        if call is None:
+            return
+        call.answered = True
+        call.peer_channel = event["accepter_channel"]
+        await self.send_json(
+            {"type": protocol.CALL_ACCEPTED, "accepter_username": event["accepter_username"], "call_id": call.call_id}
+        )
+
+    async def call_answered_elsewhere(self, event: dict[str, Any]) -> None:
+        if event["answered_channel"] == self.channel_name:
+            return
+        call = self.calls.pop(event["call_id"], None)
+        if call is not None:
+            await self.send_json(protocol.call_ended(call.peer_username, call.call_id, "answered_elsewhere"))
+
+    async def call_rejected(self, event: dict[str, Any]) -> None:
+        call = self.calls.pop(event["call_id"], None)
+        if call is not None:
+            await self.send_json(
+                {
+                    "type": protocol.CALL_REJECTED,
+                    "rejecter_username": event["rejecter_username"],
+                    "call_id": call.call_id,
+                    "reason": event["reason"],
+                }
+            )
+
+    async def call_ended(self, event: dict[str, Any]) -> None:
+        call = self.calls.pop(event["call_id"], None)
+        if call is not None:
+            await self.send_json(protocol.call_ended(call.peer_username, call.call_id, event["reason"]))
+
+    async def call_signal(self, event: dict[str, Any]) -> None:
+        if event["call_id"] in self.calls:
+            await self.send(text_data=event["text"])
+
+    # --- Output and teardown --------------------------------------------
+
+    async def send_json(self, content: dict[str, Any]) -> None:
+        await self.send(text_data=protocol.encode(content))
+
+    async def send_text(self, text: str) -> None:
+        await self.send(text_data=text)
+
+    async def send_error(self, code: str, message: str) -> None:
+        await self.send_json(protocol.error(code, message))
+
+    async def disconnect(self, code: int) -> None:
+        if hasattr(self, "register_deadline"):
+            self.register_deadline.cancel()
+        if getattr(self, "session", None) is None:
+            return
+        username = self.session.username
+        self.runtime.hub.unlisten(self.channel_name)
+        self.runtime.sessions.pop(self.channel_name, None)
+        await self.channel_layer.group_discard(user_group(username), self.channel_name)
+        _, went_offline = await self.runtime.store.leave(self.channel_name)
+        ended = await database_sync_to_async(_end_calls_after_disconnect)(self.channel_name, username, went_offline)
+        for record in ended:
+            await self.runtime.notify_call_ended(record)
+        if went_offline:
+            await self.runtime.presence_changed()
+        logger.info("session %s (%s) disconnected with code %s", self.channel_name, username, code)
+
+
+def _end_calls_after_disconnect(channel: str, username: str, went_offline: bool) -> list[CallRecord]:
+    """End the calls a closed session held, and calls ringing for a user now offline."""
+    call_ids = lifecycle.calls_of_session(channel)
+    if went_offline:
+        call_ids += lifecycle.ringing_calls_to(username)
+    ended = [lifecycle.end_call(call_id, EndReason.DISCONNECTED, channel) for call_id in call_ids]
+    return [record for record in ended if record is not None]

@@ -1,0 +1,231 @@
+"""Call persistence: every change of a call's status goes through `transition`.
+
+Plain synchronous ORM code; the async side calls it through `database_sync_to_async`.
+Each function returns plain `CallRecord`s so that callers never touch the ORM.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from calls.models import Call, CallEvent, SignalingUser
+from calls.states import END_STATUS, LIVE_STATUSES, CallStatus, EndReason, check_transition
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """What the async side needs to know about a call after a change."""
+
+    call_id: str
+    caller_username: str
+    caller_id: str
+    callee_username: str
+    status: str
+    end_reason: str | None
+    caller_channel: str
+    callee_channel: str
+
+    @classmethod
+    def of(cls, call: Call) -> CallRecord:
+        return cls(
+            call_id=str(call.id),
+            caller_username=call.caller.username,
+            caller_id=call.caller.user_id,
+            callee_username=call.callee.username,
+            status=call.status,
+            end_reason=call.end_reason,
+            caller_channel=call.caller_channel,
+            callee_channel=call.callee_channel,
+        )
+
+
+class CallRefused(Exception):
+    """A request the call's state does not allow; `code` goes back to the client."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _record_event(call: Call, old: str, reason: str | None, session: str) -> None:
+    CallEvent.objects.create(
+        call=call, old_status=old, new_status=call.status, reason=reason, session=session
+    )
+
+
+def _transition(call: Call, new: CallStatus, reason: EndReason | None, session: str) -> None:
+    """Apply one allowed transition to a row locked by the caller, and record it."""
+    old = call.status
+    check_transition(old, new, reason)
+    now = timezone.now()
+    call.status = new
+    call.end_reason = reason
+    if new == CallStatus.ANSWERED:
+        call.answered_at = now
+        call.callee_channel = session
+    elif new not in LIVE_STATUSES:
+        call.ended_at = now
+    call.save(update_fields=["status", "end_reason", "answered_at", "ended_at", "callee_channel"])
+    _record_event(call, old, reason, session)
+    logger.info("call %s %s -> %s reason=%s session=%s", call.id, old, new, reason, session)
+
+
+def _locked_live_call(call_id: str) -> Call | None:
+    return (
+        Call.objects.select_for_update()
+        .select_related("caller", "callee")
+        .filter(pk=call_id, status__in=LIVE_STATUSES)
+        .first()
+    )
+
+
+def touch_user(username: str, user_id: str) -> None:
+    """Record that `username` registered now with `user_id`."""
+    now = timezone.now()
+    SignalingUser.objects.update_or_create(
+        username=username, defaults={"user_id": user_id, "last_seen": now}
+    )
+
+
+def start_call(caller_username: str, caller_channel: str, callee_username: str, ring_timeout: float) -> CallRecord:
+    """Create a call: ringing, or busy when either party already has a live call.
+
+    Both users' rows are locked in a fixed order, so two calls racing towards the
+    same user are serialised and the second one sees the first.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        users = {
+            u.username: u
+            for u in SignalingUser.objects.select_for_update()
+            .filter(username__in=[caller_username, callee_username])
+            .order_by("pk")
+        }
+        caller, callee = users[caller_username], users[callee_username]
+        if Call.objects.live().involving(caller).exists():
+            raise CallRefused("already_in_call", "You are already in a call; end it first")
+        busy = Call.objects.live().involving(callee).exists()
+        call = Call.objects.create(
+            caller=caller,
+            callee=callee,
+            status=CallStatus.BUSY if busy else CallStatus.RINGING,
+            end_reason=EndReason.BUSY if busy else None,
+            ended_at=now if busy else None,
+            ring_deadline=None if busy else now + timedelta(seconds=ring_timeout),
+            caller_channel=caller_channel,
+        )
+        _record_event(call, "", call.end_reason, caller_channel)
+    logger.info("call %s %s -> %s status=%s", call.id, caller_username, callee_username, call.status)
+    return CallRecord.of(call)
+
+
+def accept_call(call_id: str, callee_username: str, session: str) -> CallRecord:
+    """Answer a ringing call from one of the callee's sessions; the first one wins."""
+    with transaction.atomic():
+        call = _locked_live_call(call_id)
+        if call is None or call.callee.username != callee_username or call.status != CallStatus.RINGING:
+            raise CallRefused("not_ringing", "That call is not ringing for you")
+        _transition(call, CallStatus.ANSWERED, None, session)
+        return CallRecord.of(call)
+
+
+def end_call(call_id: str, reason: EndReason, session: str, by_username: str | None = None) -> CallRecord | None:
+    """End a live call for `reason`; None when it had already ended."""
+    with transaction.atomic():
+        call = _locked_live_call(call_id)
+        if call is None:
+            return None
+        if by_username is not None and by_username not in (call.caller.username, call.callee.username):
+            return None
+        if reason == EndReason.REJECTED and call.status != CallStatus.RINGING:
+            raise CallRefused("not_ringing", "That call is not ringing for you")
+        # A hang-up before the answer is the caller cancelling (or the callee refusing).
+        if call.status == CallStatus.RINGING and reason == EndReason.HANGUP:
+            by_caller = by_username == call.caller.username
+            reason = EndReason.CANCELLED if by_caller else EndReason.REJECTED
+        _transition(call, END_STATUS[(CallStatus(call.status), reason)], reason, session)
+        return CallRecord.of(call)
+
+
+def expire_overdue_calls(now: datetime | None = None) -> list[CallRecord]:
+    """End every ringing call whose ring deadline has passed, with reason timeout."""
+    now = now or timezone.now()
+    overdue = Call.objects.filter(status=CallStatus.RINGING, ring_deadline__lte=now).values_list("pk", flat=True)
+    ended = [end_call(str(pk), EndReason.TIMEOUT, session="") for pk in list(overdue)]
+    return [record for record in ended if record is not None]
+
+
+def end_calls_of_vanished(live_channels: Iterable[str], online_usernames: Iterable[str]) -> list[CallRecord]:
+    """End live calls whose caller session, answering session or ringing callee is gone."""
+    live = set(live_channels)
+    online = set(online_usernames)
+    doomed = []
+    for call in Call.objects.live().select_related("callee"):
+        gone = call.caller_channel not in live or (
+            call.callee_channel not in live
+            if call.status == CallStatus.ANSWERED
+            else call.callee.username not in online
+        )
+        if gone:
+            doomed.append(str(call.pk))
+    ended = [end_call(pk, EndReason.DISCONNECTED, session="") for pk in doomed]
+    return [record for record in ended if record is not None]
+
+
+def calls_of_session(session: str) -> list[str]:
+    """Return the ids of live calls this session made or answered."""
+    return [
+        str(pk)
+        for pk in Call.objects.live()
+        .filter(Q(caller_channel=session) | Q(callee_channel=session))
+        .values_list("pk", flat=True)
+    ]
+
+
+def ringing_calls_to(username: str) -> list[str]:
+    """Return the ids of calls ringing for `username`."""
+    return [
+        str(pk)
+        for pk in Call.objects.filter(status=CallStatus.RINGING, callee__username=username).values_list(
+            "pk", flat=True
+        )
+    ]
+
+
+def call_history(username: str, limit: int) -> list[dict]:
+    """Return the user's calls, newest first, as wire dictionaries."""
+    calls = (
+        Call.objects.filter(Q(caller__username=username) | Q(callee__username=username))
+        .select_related("caller", "callee")
+        .order_by("-created_at")[:limit]
+    )
+    return [_history_item(call) for call in calls]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _history_item(call: Call) -> dict:
+    duration = call.duration
+    return {
+        "call_id": str(call.id),
+        "caller_username": call.caller.username,
+        "callee_username": call.callee.username,
+        "status": call.status,
+        "end_reason": call.end_reason,
+        "started_at": _iso(call.created_at),
+        "answered_at": _iso(call.answered_at),
+        "ended_at": _iso(call.ended_at),
+        "duration_s": round(duration.total_seconds(), 3) if duration is not None else None,
+    }

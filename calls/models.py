@@ -1,0 +1,87 @@
+"""Users seen by the server, calls, and the timeline of each call."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from django.db import models
+from django.utils import timezone
+
+from calls.states import LIVE_STATUSES, CallStatus, EndReason
+
+
+class SignalingUser(models.Model):
+    """A username that has registered at least once."""
+
+    username = models.CharField(max_length=64, unique=True)
+    user_id = models.CharField(max_length=128)
+    first_seen = models.DateTimeField(auto_now_add=True)
+    last_seen = models.DateTimeField()
+
+    class Meta:
+        ordering = ["username"]
+
+    def __str__(self) -> str:
+        return self.username
+
+
+class CallQuerySet(models.QuerySet):
+    def live(self) -> CallQuerySet:
+        return self.filter(status__in=LIVE_STATUSES)
+
+    def involving(self, user: SignalingUser) -> CallQuerySet:
+        return self.filter(models.Q(caller=user) | models.Q(callee=user))
+
+
+class Call(models.Model):
+    """One call attempt, from the request to its final status."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    caller = models.ForeignKey(SignalingUser, models.PROTECT, related_name="calls_made")
+    callee = models.ForeignKey(SignalingUser, models.PROTECT, related_name="calls_received")
+    status = models.CharField(max_length=16, choices=CallStatus.choices, db_index=True)
+    end_reason = models.CharField(max_length=16, choices=EndReason.choices, null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    answered_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    ring_deadline = models.DateTimeField(null=True, blank=True)
+    # Channel names of the caller's session and of the callee session that answered:
+    # signaling for the call goes to these sessions only.
+    caller_channel = models.CharField(max_length=200, blank=True)
+    callee_channel = models.CharField(max_length=200, blank=True)
+
+    objects = CallQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "ring_deadline"])]
+
+    def __str__(self) -> str:
+        return f"{self.caller} -> {self.callee} ({self.status})"
+
+    @property
+    def duration(self) -> timedelta | None:
+        """Time from answer to end (or to now while in progress); None if never answered."""
+        if self.answered_at is None:
+            return None
+        if self.ended_at is None:
+            return timezone.now() - self.answered_at
+        return self.ended_at - self.answered_at
+
+
+class CallEvent(models.Model):
+    """One status change of a call: the row `lifecycle.transition` writes."""
+
+    call = models.ForeignKey(Call, models.CASCADE, related_name="events")
+    old_status = models.CharField(max_length=16, choices=CallStatus.choices, blank=True)
+    new_status = models.CharField(max_length=16, choices=CallStatus.choices)
+    reason = models.CharField(max_length=16, choices=EndReason.choices, null=True, blank=True)
+    session = models.CharField(max_length=200, blank=True, help_text="Channel name of the acting session")
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.old_status or '-'} -> {self.new_status}"

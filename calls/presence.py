@@ -1,0 +1,215 @@
+"""Who is online: session leases in a store, and coalesced broadcasts of the list.
+
+The store holds one lease per session (per socket). A user is online while any
+of its sessions holds a live lease, on any process. `MemoryPresenceStore` serves
+a single process; `RedisPresenceStore` (calls/presence_redis.py) shares the
+leases between processes, so a crashed process's sessions expire on their own.
+
+`PresenceHub` is the per-process broadcaster: changes anywhere mark it dirty,
+and at most once per window it reads the list once, encodes it once, and sends
+it to every local session (full list for v1 clients, deltas for clients that
+asked for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from calls import protocol
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One registered socket: its channel name and whose it is."""
+
+    channel: str
+    username: str
+    user_id: str
+
+
+class JoinRefused(Exception):
+    """A registration the presence rules refuse; `code` goes back to the client."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class PresenceStore(Protocol):
+    async def join(self, session: SessionInfo, max_sessions: int, ttl: float) -> bool:
+        """Add a session; return True if its user just came online.
+
+        Raise JoinRefused when another user_id holds the username, or the user
+        already has `max_sessions` sessions.
+        """
+
+    async def leave(self, channel: str) -> tuple[SessionInfo | None, bool]:
+        """Remove a session; return it and whether its user went offline."""
+
+    async def renew(self, channels: list[str], ttl: float) -> None:
+        """Extend the leases of these sessions by `ttl` seconds from now."""
+
+    async def expire(self) -> list[SessionInfo]:
+        """Remove and return the sessions whose lease ran out."""
+
+    async def online_users(self) -> list[dict[str, str]]:
+        """Return the online users, one entry each, sorted by username."""
+
+    async def sessions_of(self, username: str) -> list[str]:
+        """Return the channel names of the user's live sessions."""
+
+    async def live_channels(self) -> set[str]:
+        """Return the channel names of every live session."""
+
+    async def clear(self) -> None:
+        """Forget every session (tests)."""
+
+
+@dataclass(slots=True)
+class _Lease:
+    session: SessionInfo
+    expires: float
+
+
+class MemoryPresenceStore:
+    """Leases in this process's memory: for one process without Redis."""
+
+    def __init__(self) -> None:
+        self._leases: dict[str, _Lease] = {}
+        self._by_user: dict[str, dict[str, SessionInfo]] = {}
+
+    async def join(self, session: SessionInfo, max_sessions: int, ttl: float) -> bool:
+        held = self._by_user.get(session.username, {})
+        if any(other.user_id != session.user_id for other in held.values()):
+            raise JoinRefused(protocol.USERNAME_TAKEN, "That username is in use by another user_id")
+        if session.channel not in held and len(held) >= max_sessions:
+            raise JoinRefused(protocol.TOO_MANY_SESSIONS, f"At most {max_sessions} sessions per user")
+        self._leases[session.channel] = _Lease(session, time.monotonic() + ttl)
+        self._by_user.setdefault(session.username, {})[session.channel] = session
+        return not held
+
+    async def leave(self, channel: str) -> tuple[SessionInfo | None, bool]:
+        lease = self._leases.pop(channel, None)
+        if lease is None:
+            return None, False
+        held = self._by_user.get(lease.session.username, {})
+        held.pop(channel, None)
+        if not held:
+            self._by_user.pop(lease.session.username, None)
+        return lease.session, not held
+
+    async def renew(self, channels: list[str], ttl: float) -> None:
+        expires = time.monotonic() + ttl
+        for channel in channels:
+            lease = self._leases.get(channel)
+            if lease is not None:
+                lease.expires = expires
+
+    async def expire(self) -> list[SessionInfo]:
+        now = time.monotonic()
+        gone = [lease.session for lease in self._leases.values() if lease.expires <= now]
+        for session in gone:
+            await self.leave(session.channel)
+        return gone
+
+    async def online_users(self) -> list[dict[str, str]]:
+        return [
+            {"username": username, "user_id": next(iter(sessions.values())).user_id}
+            for username, sessions in sorted(self._by_user.items())
+        ]
+
+    async def sessions_of(self, username: str) -> list[str]:
+        return list(self._by_user.get(username, {}))
+
+    async def live_channels(self) -> set[str]:
+        return set(self._leases)
+
+    async def clear(self) -> None:
+        self._leases.clear()
+        self._by_user.clear()
+
+
+SendText = Callable[[str], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Listener:
+    send: SendText
+    delta: bool
+    needs_snapshot: bool = True
+
+
+@dataclass
+class PresenceHub:
+    """Coalesce presence changes and send the list to this process's sessions."""
+
+    store: PresenceStore
+    window: float
+    _listeners: dict[str, _Listener] = field(default_factory=dict)
+    _snapshot: dict[str, str] = field(default_factory=dict)
+    _flush_task: asyncio.Task | None = None
+    _dirty: bool = False
+
+    def listen(self, channel: str, send: SendText, delta: bool) -> None:
+        """Send presence to this session from the next broadcast on (a full list first)."""
+        self._listeners[channel] = _Listener(send, delta)
+        self.changed()
+
+    def unlisten(self, channel: str) -> None:
+        self._listeners.pop(channel, None)
+
+    def changed(self) -> None:
+        """Note that the list may have changed; a broadcast follows within the window."""
+        self._dirty = True
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def flush_now(self) -> None:
+        """Broadcast at once if anything changed (tests and shutdown)."""
+        if self._dirty:
+            await self._broadcast()
+
+    async def _flush_soon(self) -> None:
+        while self._dirty:
+            await asyncio.sleep(self.window)
+            started = time.monotonic()
+            try:
+                await self._broadcast()
+            except Exception:
+                logger.exception("presence broadcast failed; retrying next window")
+                self._dirty = True
+                await asyncio.sleep(1)
+            # A broadcast to many sessions is costly: leave at least as long again
+            # before the next one, so a sign-in storm cannot turn into back-to-back lists.
+            await asyncio.sleep(time.monotonic() - started)
+
+    async def _broadcast(self) -> None:
+        self._dirty = False
+        users = await self.store.online_users()
+        current = {user["username"]: user["user_id"] for user in users}
+        full_text = protocol.encode(protocol.online_users(users))
+        deltas = [
+            protocol.encode({"type": protocol.USER_OFFLINE, "username": name, "user_id": uid})
+            for name, uid in self._snapshot.items()
+            if current.get(name) != uid
+        ] + [
+            protocol.encode({"type": protocol.USER_ONLINE, "username": name, "user_id": uid})
+            for name, uid in current.items()
+            if self._snapshot.get(name) != uid
+        ]
+        self._snapshot = current
+        for listener in list(self._listeners.values()):
+            if not listener.delta or listener.needs_snapshot:
+                listener.needs_snapshot = False
+                await listener.send(full_text)
+            else:
+                for text in deltas:
+                    await listener.send(text)

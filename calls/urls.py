@@ -1,0 +1,9 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from calls import views
+
+urlpatterns = [
+    path("healthz", views.healthz, name="healthz"),
+]

@@ -1,0 +1,26 @@
+"""ASGI entry point: `daphne signaling_project.asgi:application`.
+
+HTTP goes to Django; WebSocket upgrades at `/` and `/ws/` go to the signaling
+consumer. Django is set up before the routing import, as Channels requires.
+"""
+
+from __future__ import annotations
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "signaling_project.settings")
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+
+from calls.routing import websocket_urlpatterns  # noqa: E402
+from calls.security import OriginValidator  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": OriginValidator(URLRouter(websocket_urlpatterns)),
+    }
+)

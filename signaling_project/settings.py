@@ -1,0 +1,216 @@
+"""Django settings for the signaling server, read from the environment.
+
+A fresh clone runs with no variables set: DEBUG on, SQLite, in-memory channel
+layer. Production sets DEBUG=false, SECRET_KEY, ALLOWED_HOSTS, and for more than
+one process REDIS_URL and DATABASE_URL.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from signaling_project.env import (
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_json_list,
+    env_list,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env_bool("DEBUG", True)
+
+SECRET_KEY = env_str("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DEBUG is off: generate one with "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(50))'`"
+        )
+    SECRET_KEY = "insecure-development-key-only-for-debug-mode"
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
+if not ALLOWED_HOSTS and not DEBUG:
+    raise ImproperlyConfigured("ALLOWED_HOSTS must be set when DEBUG is off, e.g. example.com")
+_render_host = os.environ.get("RENDER_EXTERNAL_HOSTNAME")
+if _render_host:
+    ALLOWED_HOSTS.append(_render_host)
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "calls",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "signaling_project.urls"
+ASGI_APPLICATION = "signaling_project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------
+
+_database_url = env_str("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
+try:
+    _database = dj_database_url.parse(_database_url, conn_max_age=60, conn_health_checks=True)
+except ValueError as exc:
+    raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
+if _database["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE makes every atomic block take the write lock up front, so two
+    # transitions of one call serialise instead of failing with "locked".
+    _database["CONN_MAX_AGE"] = 0
+    _database["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+elif _database["ENGINE"] != "django.db.backends.postgresql":
+    raise ImproperlyConfigured("DATABASE_URL must be a sqlite:// or postgres:// URL")
+DATABASES = {"default": _database}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Channel layer --------------------------------------------------------
+
+REDIS_URL = env_str("REDIS_URL")
+SIGNALING_CHANNEL_LAYER = env_choice("SIGNALING_CHANNEL_LAYER", "pubsub", ("pubsub", "core"))
+if REDIS_URL:
+    if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+        raise ImproperlyConfigured("REDIS_URL must start with redis://, rediss:// or unix://")
+    _layer_backend = {
+        "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "core": "channels_redis.core.RedisChannelLayer",
+    }[SIGNALING_CHANNEL_LAYER]
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": _layer_backend,
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": 1000, "expiry": 60},
+        }
+    }
+
+# --- Auth, static files, i18n --------------------------------------------
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+# WhiteNoise serves the test page's files from daphne itself, straight from the
+# app folders, so no collectstatic step is needed to run.
+WHITENOISE_USE_FINDERS = True
+
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# --- Signaling ------------------------------------------------------------
+
+# Seconds an unanswered call rings before it ends with reason "timeout".
+SIGNALING_RING_TIMEOUT = env_float("SIGNALING_RING_TIMEOUT", 45.0, minimum=0.1)
+# Seconds between sweeps that close calls whose deadline passed or whose party vanished.
+SIGNALING_REAPER_INTERVAL = env_float("SIGNALING_REAPER_INTERVAL", 5.0, minimum=0.05)
+# Seconds a session's presence lease lasts without renewal (crashed processes).
+SIGNALING_PRESENCE_TTL = env_float("SIGNALING_PRESENCE_TTL", 30.0, minimum=0.5)
+# Milliseconds over which presence changes are coalesced into one broadcast.
+SIGNALING_PRESENCE_WINDOW_MS = env_int("SIGNALING_PRESENCE_WINDOW_MS", 200, minimum=0)
+# "open" (v1: username held by its user_id) or "token" (JWT on register).
+SIGNALING_AUTH = env_choice("SIGNALING_AUTH", "open", ("open", "token"))
+SIGNALING_JWT_SECRET = env_str("SIGNALING_JWT_SECRET")
+if SIGNALING_AUTH == "token" and len(SIGNALING_JWT_SECRET) < 32:
+    raise ImproperlyConfigured("SIGNALING_AUTH=token needs SIGNALING_JWT_SECRET of 32+ characters")
+SIGNALING_TOKEN_TTL = env_int("SIGNALING_TOKEN_TTL", 3600, minimum=60)
+SIGNALING_ALLOW_SIGNUP = env_bool("SIGNALING_ALLOW_SIGNUP", False)
+# Origins allowed to open a socket from a browser; default: the ALLOWED_HOSTS.
+SIGNALING_ALLOWED_ORIGINS = env_list("SIGNALING_ALLOWED_ORIGINS", [])
+SIGNALING_MAX_MESSAGE_BYTES = env_int("SIGNALING_MAX_MESSAGE_BYTES", 65536, minimum=1024)
+# Token bucket per connection: "RATE/BURST" messages per second.
+SIGNALING_RATE = env_str("SIGNALING_RATE", "50/200")
+SIGNALING_MAX_SESSIONS_PER_USER = env_int("SIGNALING_MAX_SESSIONS_PER_USER", 5, minimum=1)
+SIGNALING_REGISTER_TIMEOUT = env_float("SIGNALING_REGISTER_TIMEOUT", 10.0, minimum=0.1)
+# Messages queued for one slow client before it is disconnected.
+SIGNALING_SEND_QUEUE_LIMIT = env_int("SIGNALING_SEND_QUEUE_LIMIT", 256, minimum=8)
+SIGNALING_RESUME_GRACE = env_float("SIGNALING_RESUME_GRACE", 30.0, minimum=0.1)
+SIGNALING_RESUME_QUEUE_LIMIT = env_int("SIGNALING_RESUME_QUEUE_LIMIT", 200, minimum=1)
+SIGNALING_ICE_SERVERS = env_json_list("SIGNALING_ICE_SERVERS")
+SIGNALING_TURN_URLS = env_list("SIGNALING_TURN_URLS", [])
+SIGNALING_TURN_SECRET = env_str("SIGNALING_TURN_SECRET")
+SIGNALING_TURN_TTL = env_int("SIGNALING_TURN_TTL", 86400, minimum=60)
+if SIGNALING_TURN_URLS and not SIGNALING_TURN_SECRET:
+    raise ImproperlyConfigured("SIGNALING_TURN_URLS needs SIGNALING_TURN_SECRET")
+# Bearer token for /metrics; empty means /metrics is only served when DEBUG is on.
+SIGNALING_METRICS_TOKEN = env_str("SIGNALING_METRICS_TOKEN")
+
+_KNOWN_SIGNALING_VARS = {name for name in globals() if name.startswith("SIGNALING_")}
+_unknown = sorted(
+    name for name in os.environ if name.startswith("SIGNALING_") and name not in _KNOWN_SIGNALING_VARS
+)
+if _unknown:
+    raise ImproperlyConfigured(f"Unknown setting(s): {', '.join(_unknown)}; see the README")
+
+# --- Logging --------------------------------------------------------------
+
+LOG_LEVEL = env_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "line": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "line"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        "calls": {"level": LOG_LEVEL},
+        "django": {"level": "WARNING" if LOG_LEVEL != "DEBUG" else "INFO"},
+    },
+}

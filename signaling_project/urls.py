@@ -1,0 +1,11 @@
+"""URL configuration: the admin, the test page, the HTTP API and operations endpoints."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", include("calls.urls")),
+]
