@@ -18,6 +18,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from calls import lifecycle, protocol
+from calls.ice import ice_servers_for
 from calls.lifecycle import CallRecord, CallRefused
 from calls.presence import JoinRefused, SessionInfo
 from calls.protocol import ProtocolError
@@ -166,7 +167,12 @@ class SignalingConsumer(AsyncWebsocketConsumer):
 
     async def send_registered(self) -> None:
         await self.send_json(
-            {"type": protocol.REGISTERED, "username": self.session.username, "user_id": self.session.user_id}
+            {
+                "type": protocol.REGISTERED,
+                "username": self.session.username,
+                "user_id": self.session.user_id,
+                "ice_servers": ice_servers_for(self.session.username),
+            }
         )
 
     async def request_call(self, message: protocol.CallRequest) -> None:

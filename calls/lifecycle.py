@@ -58,9 +58,7 @@ class CallRefused(Exception):
 
 
 def _record_event(call: Call, old: str, reason: str | None, session: str) -> None:
-    CallEvent.objects.create(
-        call=call, old_status=old, new_status=call.status, reason=reason, session=session
-    )
+    CallEvent.objects.create(call=call, old_status=old, new_status=call.status, reason=reason, session=session)
 
 
 def _transition(call: Call, new: CallStatus, reason: EndReason | None, session: str) -> None:
@@ -92,9 +90,7 @@ def _locked_live_call(call_id: str) -> Call | None:
 def touch_user(username: str, user_id: str) -> None:
     """Record that `username` registered now with `user_id`."""
     now = timezone.now()
-    SignalingUser.objects.update_or_create(
-        username=username, defaults={"user_id": user_id, "last_seen": now}
-    )
+    SignalingUser.objects.update_or_create(username=username, defaults={"user_id": user_id, "last_seen": now})
 
 
 def start_call(caller_username: str, caller_channel: str, callee_username: str, ring_timeout: float) -> CallRecord:
@@ -196,9 +192,7 @@ def ringing_calls_to(username: str) -> list[str]:
     """Return the ids of calls ringing for `username`."""
     return [
         str(pk)
-        for pk in Call.objects.filter(status=CallStatus.RINGING, callee__username=username).values_list(
-            "pk", flat=True
-        )
+        for pk in Call.objects.filter(status=CallStatus.RINGING, callee__username=username).values_list("pk", flat=True)
     ]
 
 

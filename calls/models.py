@@ -41,7 +41,8 @@ class Call(models.Model):
     caller = models.ForeignKey(SignalingUser, models.PROTECT, related_name="calls_made")
     callee = models.ForeignKey(SignalingUser, models.PROTECT, related_name="calls_received")
     status = models.CharField(max_length=16, choices=CallStatus.choices, db_index=True)
-    end_reason = models.CharField(max_length=16, choices=EndReason.choices, null=True, blank=True)
+    # Null while the call is live, as `end_reason` is on the wire.
+    end_reason = models.CharField(max_length=16, choices=EndReason.choices, null=True, blank=True)  # noqa: DJ001
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     answered_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
@@ -76,7 +77,7 @@ class CallEvent(models.Model):
     call = models.ForeignKey(Call, models.CASCADE, related_name="events")
     old_status = models.CharField(max_length=16, choices=CallStatus.choices, blank=True)
     new_status = models.CharField(max_length=16, choices=CallStatus.choices)
-    reason = models.CharField(max_length=16, choices=EndReason.choices, null=True, blank=True)
+    reason = models.CharField(max_length=16, choices=EndReason.choices, null=True, blank=True)  # noqa: DJ001
     session = models.CharField(max_length=200, blank=True, help_text="Channel name of the acting session")
     at = models.DateTimeField(auto_now_add=True)
 

@@ -192,9 +192,7 @@ if SIGNALING_TURN_URLS and not SIGNALING_TURN_SECRET:
 SIGNALING_METRICS_TOKEN = env_str("SIGNALING_METRICS_TOKEN")
 
 _KNOWN_SIGNALING_VARS = {name for name in globals() if name.startswith("SIGNALING_")}
-_unknown = sorted(
-    name for name in os.environ if name.startswith("SIGNALING_") and name not in _KNOWN_SIGNALING_VARS
-)
+_unknown = sorted(name for name in os.environ if name.startswith("SIGNALING_") and name not in _KNOWN_SIGNALING_VARS)
 if _unknown:
     raise ImproperlyConfigured(f"Unknown setting(s): {', '.join(_unknown)}; see the README")
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: a fresh channel layer and runtime per test, and a test client."""
+
+from __future__ import annotations
+
+import pytest
+from channels.layers import channel_layers
+
+from calls.runtime import Runtime
+from calls.tests.wsclient import Client
+
+
+@pytest.fixture(autouse=True)
+def _fast_presence(settings):
+    """Broadcast presence quickly so tests wait less; behaviour is the same."""
+    settings.SIGNALING_PRESENCE_WINDOW_MS = 20
+
+
+@pytest.fixture
+async def runtime():
+    """A fresh in-memory channel layer and runtime, stopped after the test."""
+    channel_layers.backends = {}
+    runtime = Runtime.current()
+    yield runtime
+    await runtime.stop()
+    Runtime._instances.pop(next(iter(k for k, v in Runtime._instances.items() if v is runtime)), None)
+    channel_layers.backends = {}
+
+
+@pytest.fixture
+async def connect(runtime, transactional_db):
+    """Open registered (or unregistered) test clients; every one is closed afterwards."""
+    opened: list[Client] = []
+
+    async def open_client(username: str | None = None, user_id: str | None = None, **extra) -> Client:
+        client = Client()
+        await client.connect()
+        opened.append(client)
+        if username is not None:
+            await client.register(username, user_id or f"id-{username}", **extra)
+        return client
+
+    yield open_client
+    for client in opened:
+        await client.close()
