@@ -9,6 +9,17 @@ from calls.runtime import Runtime
 from calls.tests.wsclient import Client
 
 
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, tmp_path_factory):
+    """Test on an SQLite file, as production does: an in-memory database shares one
+    cache between threads and reports "table is locked" instead of waiting its turn."""
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        database.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
+
+
 @pytest.fixture(autouse=True)
 def _fast_presence(settings):
     """Broadcast presence quickly so tests wait less; behaviour is the same."""

@@ -87,6 +87,15 @@ class Client:
             message = await self.receive()
             assert message["type"] in SKIPPED_TYPES, f"unexpected {message!r}"
 
+    async def drain(self, quiet: float = 0.3) -> list[dict[str, Any]]:
+        """Return every non-presence message that arrives until `quiet` seconds pass in silence."""
+        heard = []
+        while not await self.comm.receive_nothing(quiet):
+            message = await self.receive()
+            if message["type"] not in SKIPPED_TYPES:
+                heard.append(message)
+        return heard
+
     async def register(self, username: str, user_id: str, **extra: Any) -> dict[str, Any]:
         await self.send({"type": "register", "username": username, "user_id": user_id, **extra})
         return await self.expect("registered")
