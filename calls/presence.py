@@ -43,6 +43,10 @@ class JoinRefused(Exception):
         self.message = message
 
 
+class StoreUnavailable(Exception):
+    """The shared store cannot be reached (Redis down or restarting)."""
+
+
 class PresenceStore(Protocol):
     async def join(self, session: SessionInfo, max_sessions: int, ttl: float) -> bool:
         """Add a session; return True if its user just came online.
@@ -54,8 +58,17 @@ class PresenceStore(Protocol):
     async def leave(self, channel: str) -> tuple[SessionInfo | None, bool]:
         """Remove a session; return it and whether its user went offline."""
 
-    async def renew(self, channels: list[str], ttl: float) -> None:
-        """Extend the leases of these sessions by `ttl` seconds from now."""
+    async def restore(
+        self, sessions: list[SessionInfo], max_sessions: int, ttl: float
+    ) -> list[tuple[SessionInfo, JoinRefused]]:
+        """Join these sessions again (after the store lost them); return the refused ones."""
+
+    async def renew(self, channels: list[str], ttl: float) -> list[str]:
+        """Extend the leases of these sessions by `ttl` seconds from now.
+
+        Return the channels that had no lease left (expired by another process,
+        or lost with the store's data): their sessions must join again.
+        """
 
     async def expire(self) -> list[SessionInfo]:
         """Remove and return the sessions whose lease ran out."""
@@ -69,8 +82,14 @@ class PresenceStore(Protocol):
     async def live_channels(self) -> set[str]:
         """Return the channel names of every live session."""
 
+    async def epoch(self) -> str:
+        """Return an id that changes whenever the store loses its data (a Redis restart)."""
+
     async def clear(self) -> None:
         """Forget every session (tests)."""
+
+    async def close(self) -> None:
+        """Release connections."""
 
 
 @dataclass(slots=True)
@@ -106,12 +125,27 @@ class MemoryPresenceStore:
             self._by_user.pop(lease.session.username, None)
         return lease.session, not held
 
-    async def renew(self, channels: list[str], ttl: float) -> None:
+    async def restore(
+        self, sessions: list[SessionInfo], max_sessions: int, ttl: float
+    ) -> list[tuple[SessionInfo, JoinRefused]]:
+        refused = []
+        for session in sessions:
+            try:
+                await self.join(session, max_sessions, ttl)
+            except JoinRefused as exc:
+                refused.append((session, exc))
+        return refused
+
+    async def renew(self, channels: list[str], ttl: float) -> list[str]:
         expires = time.monotonic() + ttl
+        missing = []
         for channel in channels:
             lease = self._leases.get(channel)
-            if lease is not None:
+            if lease is None:
+                missing.append(channel)
+            else:
                 lease.expires = expires
+        return missing
 
     async def expire(self) -> list[SessionInfo]:
         now = time.monotonic()
@@ -132,9 +166,16 @@ class MemoryPresenceStore:
     async def live_channels(self) -> set[str]:
         return set(self._leases)
 
+    async def epoch(self) -> str:
+        # The leases live and die with this process: they are never lost on their own.
+        return "memory"
+
     async def clear(self) -> None:
         self._leases.clear()
         self._by_user.clear()
+
+    async def close(self) -> None:
+        pass
 
 
 SendText = Callable[[str], Awaitable[None]]

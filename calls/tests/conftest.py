@@ -6,6 +6,7 @@ import pytest
 from channels.layers import channel_layers
 
 from calls.runtime import Runtime
+from calls.tests.conftest_services import *  # noqa: F403 - service fixtures and the database marker
 from calls.tests.wsclient import Client
 
 
