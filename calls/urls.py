@@ -5,5 +5,7 @@ from django.urls import path
 from calls import views
 
 urlpatterns = [
+    path("", views.index, name="index"),
     path("healthz", views.healthz, name="healthz"),
+    path("api/ice-servers", views.ice_servers, name="ice-servers"),
 ]

@@ -2,11 +2,97 @@
 
 from __future__ import annotations
 
-from django.http import HttpRequest, JsonResponse
+import hmac
+import logging
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
 from django.views.decorators.http import require_GET
+
+from calls.ice import ice_servers_for
+from calls.runtime import Runtime
+from calls.security import TokenInvalid, verify_token
+
+logger = logging.getLogger(__name__)
 
 
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
     """Answer that the process is up, without touching the database."""
     return JsonResponse({"status": "ok"})
+
+
+def _page_policy(request: HttpRequest) -> str:
+    # The page loads only its own files and talks only to this host's socket;
+    # ws: and wss: are named because older browsers do not count them as 'self'.
+    host = request.get_host()
+    return "; ".join(
+        [
+            "default-src 'self'",
+            f"connect-src 'self' ws://{host} wss://{host}",
+            "img-src 'self' data:",
+            "media-src 'self' blob: mediastream:",
+            "object-src 'none'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+
+
+@require_GET
+def index(request: HttpRequest) -> HttpResponse:
+    """Serve the browser test page: register, see who is online, call."""
+    response = render(request, "calls/index.html")
+    response["Content-Security-Policy"] = _page_policy(request)
+    response["Permissions-Policy"] = "camera=(self), microphone=(self)"
+    return response
+
+
+def _no_store(response: JsonResponse) -> JsonResponse:
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def _refused(status: int, code: str, message: str) -> JsonResponse:
+    response = _no_store(JsonResponse({"error": code, "message": message}, status=status))
+    if status == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="signaling"'
+    return response
+
+
+async def _registered_user(request: HttpRequest) -> str | None:
+    """Return the username if the query names a live session's username and user_id."""
+    username = request.GET.get("username", "")
+    user_id = request.GET.get("user_id", "")
+    if not username or not user_id:
+        return None
+    # The presence store of this process lives in the daphne event loop, which
+    # is why this view is async: a sync view would run in a worker thread.
+    store = Runtime.current().store
+    if not await store.sessions_of(username):
+        return None
+    for user in await store.online_users():
+        if user["username"] == username:
+            return username if hmac.compare_digest(user["user_id"].encode(), user_id.encode()) else None
+    return None
+
+
+@require_GET
+async def ice_servers(request: HttpRequest) -> JsonResponse:
+    """Hand out the ICE servers (and fresh TURN credentials) to a known user."""
+    if settings.SIGNALING_AUTH == "token":
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _refused(401, "unauthorized", "Send Authorization: Bearer <token>")
+        try:
+            username = verify_token(token.strip())
+        except TokenInvalid as exc:
+            return _refused(401, "unauthorized", str(exc))
+    else:
+        username = await _registered_user(request)
+        if username is None:
+            return _refused(403, "forbidden", "Register first; then pass your username and user_id")
+    logger.debug("ICE servers handed to %s", username)
+    return _no_store(JsonResponse({"ice_servers": ice_servers_for(username)}))

@@ -1,0 +1,247 @@
+"""The browser test page in real headless Chromium against a real daphne process.
+
+Two users open the page served by daphne, register, call, and see each other's
+(fake) camera. Media flows between the two pages over host candidates only: the
+server hands out no ICE servers, so nothing is relayed and no packet leaves this
+machine. Chromium needs two switches for that (both documented Chromium
+switches): `--allow-loopback-in-peer-connection` adds the loopback interface to
+the networks WebRTC gathers on, and `--disable-features=WebRtcHideLocalIpsWithMdns`
+keeps Chromium from replacing host addresses with `.local` mDNS names (which it
+does for pages without camera permission, and which would need multicast DNS).
+The tests check every candidate that went over the wire is an address of this host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, WebSocket, expect, sync_playwright
+
+from calls.tests.servers import DaphneServer, daphne_server
+from calls.tests.services import in_ci
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    # Never talk to Google services, update servers or QUIC endpoints from tests.
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    # A fake camera (test pattern) and microphone (beeps), granted without a prompt.
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    # Host candidates on loopback, as plain IP addresses (see the module docstring).
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+TIMEOUT_MS = 20_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
+    folder = tmp_path_factory.mktemp("browser")
+    with daphne_server(folder, SIGNALING_ICE_SERVERS="[]", SIGNALING_PRESENCE_WINDOW_MS="20") as server:
+        server.db_path = folder / "server.sqlite3"
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        message = f"{CHROMIUM} is missing (make system-packages installs the Debian chromium package)"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    args = list(CHROMIUM_ARGS)
+    if os.geteuid() == 0:
+        args.append("--no-sandbox")  # Chromium's sandbox refuses to run as root
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        yield browser
+        browser.close()
+
+
+@dataclass
+class Tab:
+    """One page of the app, with every WebSocket frame it sent and received."""
+
+    page: Page
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    received: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def watch(self, ws: WebSocket) -> None:
+        ws.on("framesent", lambda payload: self.sent.append(json.loads(payload)))
+        ws.on("framereceived", lambda payload: self.received.append(json.loads(payload)))
+
+    def sent_of(self, kind: str) -> list[dict[str, Any]]:
+        return [message for message in self.sent if message["type"] == kind]
+
+    def received_of(self, kind: str) -> list[dict[str, Any]]:
+        return [message for message in self.received if message["type"] == kind]
+
+    def user(self, username: str) -> Any:
+        return self.page.locator(f'#online-users li[data-username="{username}"]')
+
+
+@pytest.fixture
+def open_tab(browser: Browser, server: DaphneServer) -> Iterator[Any]:
+    """Open the page in a browser profile of its own (or a given one) and register."""
+    contexts: list[BrowserContext] = []
+    tabs: list[Tab] = []
+
+    def open_tab(username: str, context: BrowserContext | None = None) -> Tab:
+        if context is None:
+            context = browser.new_context(viewport={"width": 1200, "height": 760})
+            contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        tab = Tab(page)
+        page.on("websocket", tab.watch)
+        page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+        page.goto(server.http_url + "/")
+        page.fill("#username", username)
+        page.click("#register-btn")
+        expect(page.locator("#status")).to_have_attribute("data-state", "online")
+        tabs.append(tab)
+        return tab
+
+    yield open_tab
+    for context in contexts:
+        context.close()
+    assert [error for tab in tabs for error in tab.errors] == []
+
+
+def call_rows(server: DaphneServer, caller: str, callee: str) -> list[tuple[str, str | None]]:
+    """Return (status, end_reason) of the calls from `caller` to `callee`, as the server stored them."""
+    with sqlite3.connect(server.db_path) as db:
+        return db.execute(
+            "SELECT c.status, c.end_reason FROM calls_call c "
+            "JOIN calls_signalinguser a ON a.id = c.caller_id JOIN calls_signalinguser b ON b.id = c.callee_id "
+            "WHERE a.username = ? AND b.username = ?",
+            (caller, callee),
+        ).fetchall()
+
+
+def is_address_of_this_host(address: str) -> bool:
+    """Return whether `address` belongs to an interface of this machine (it can be bound)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+def candidate_addresses(tab: Tab) -> list[str]:
+    # candidate:<foundation> <component> <transport> <priority> <address> <port> typ <type> ...
+    return [message["data"]["candidate"].split()[4] for message in tab.sent_of("ice_candidate")]
+
+
+def wait_for_remote_video(page: Page) -> None:
+    """Wait until the remote video has frames and keeps playing new ones."""
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#remote-video');"
+        " return v.videoWidth > 0 && v.readyState >= 2 && v.currentTime > 0; }"
+    )
+    start = page.evaluate(
+        "() => { const v = document.querySelector('#remote-video');"
+        " return [v.currentTime, v.getVideoPlaybackQuality().totalVideoFrames]; }"
+    )
+    page.wait_for_function(
+        "([time, frames]) => { const v = document.querySelector('#remote-video');"
+        " return v.currentTime > time + 0.5 && v.getVideoPlaybackQuality().totalVideoFrames > frames + 5; }",
+        arg=start,
+    )
+
+
+def test_two_pages_call_with_live_video_and_hang_up_ends_both(open_tab, server, tmp_path):
+    alice, bob = open_tab("alice"), open_tab("bob")
+    alice.user("bob").locator(".call-btn").click()
+    expect(bob.page.locator("#incoming-call")).to_be_visible()
+    expect(bob.page.locator("#incoming-call")).to_contain_text("alice")
+    bob.page.click("#accept-btn")
+
+    for tab in (alice, bob):
+        wait_for_remote_video(tab.page)
+        assert tab.page.evaluate("() => document.querySelector('#remote-video').srcObject.getAudioTracks().length") == 1
+        expect(tab.page.locator("#status")).to_have_attribute("data-state", "in-call")
+        expect(tab.page.locator("#call-timer")).to_have_text(re.compile(r"^\d\d:\d\d$"))
+    alice.page.screenshot(path=tmp_path / "alice-in-call.png")
+
+    call_id = bob.received_of("incoming_call")[0]["call_id"]
+    assert [m["call_id"] for m in bob.sent_of("call_accepted")] == [call_id]
+    assert [m["data"]["type"] for m in alice.sent_of("offer")] == ["offer"]
+    assert [m["data"]["type"] for m in bob.sent_of("answer")] == ["answer"]
+    assert {m["call_id"] for m in alice.sent_of("ice_candidate") + bob.sent_of("ice_candidate")} == {call_id}
+    for tab in (alice, bob):
+        addresses = candidate_addresses(tab)
+        assert {"127.0.0.1", "::1"} & set(addresses), addresses
+        assert all(is_address_of_this_host(address) for address in addresses), addresses
+
+    alice.page.click("#hangup-btn")
+    expect(bob.page.locator("#status")).to_have_attribute("data-reason", "hangup")
+    expect(bob.page.locator("#status")).to_contain_text("alice hung up")
+    expect(alice.page.locator("#status")).to_have_attribute("data-reason", "hangup")
+    expect(alice.page.locator("#status")).to_contain_text("you hung up")
+    assert alice.sent_of("call_ended") == [{"type": "call_ended", "call_id": call_id}]
+    ended = bob.received_of("call_ended")
+    assert [(m["call_id"], m["reason"], m["from_username"]) for m in ended] == [(call_id, "hangup", "alice")]
+    for tab in (alice, bob):
+        assert tab.page.evaluate("() => document.querySelector('#remote-video').srcObject") is None
+        expect(tab.page.locator("#call-history li").first).to_have_attribute("data-status", "completed")
+    assert call_rows(server, "alice", "bob") == [("completed", "hangup")]
+
+
+def test_a_rejected_call_tells_the_caller_and_is_recorded(open_tab, server):
+    carol, dave = open_tab("carol"), open_tab("dave")
+    carol.user("dave").locator(".call-btn").click()
+    expect(carol.page.locator("#status")).to_have_attribute("data-state", "ringing")
+    expect(dave.page.locator("#incoming-call")).to_be_visible()
+    dave.page.click("#reject-btn")
+
+    expect(carol.page.locator("#status")).to_have_attribute("data-reason", "rejected")
+    expect(carol.page.locator("#status")).to_contain_text("dave declined")
+    expect(dave.page.locator("#incoming-call")).to_be_hidden()
+    expect(dave.page.locator("#status")).to_contain_text("You declined the call from carol")
+    call_id = dave.received_of("incoming_call")[0]["call_id"]
+    assert dave.sent_of("call_rejected") == [{"type": "call_rejected", "call_id": call_id}]
+    assert [(m["call_id"], m["reason"]) for m in carol.received_of("call_rejected")] == [(call_id, "rejected")]
+    assert carol.sent_of("offer") == []
+    expect(carol.page.locator("#call-history li").first).to_have_attribute("data-status", "rejected")
+    assert call_rows(server, "carol", "dave") == [("rejected", "rejected")]
+
+
+def test_a_user_in_two_tabs_answers_in_one_and_the_other_stops_ringing(open_tab, server):
+    erin = open_tab("erin")
+    frank_first = open_tab("frank")
+    # A second tab of the same browser profile: same username, same stored user_id.
+    frank_second = open_tab("frank", context=frank_first.page.context)
+    assert frank_first.sent_of("register")[0]["user_id"] == frank_second.sent_of("register")[0]["user_id"]
+
+    expect(erin.user("frank")).to_have_count(1)
+    erin.user("frank").locator(".call-btn").click()
+    for tab in (frank_first, frank_second):
+        expect(tab.page.locator("#incoming-call")).to_be_visible()
+    frank_second.page.click("#accept-btn")
+
+    expect(frank_first.page.locator("#incoming-call")).to_be_hidden()
+    expect(frank_first.page.locator("#status")).to_have_attribute("data-reason", "answered_elsewhere")
+    for tab in (erin, frank_second):
+        expect(tab.page.locator("#status")).to_have_attribute("data-state", "in-call")
+    assert frank_first.sent_of("offer") + frank_first.sent_of("answer") == []
+
+    erin.page.click("#hangup-btn")
+    expect(frank_second.page.locator("#status")).to_have_attribute("data-reason", "hangup")
+    assert call_rows(server, "erin", "frank") == [("completed", "hangup")]
