@@ -15,8 +15,11 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from calls import backpressure  # noqa: E402
 from calls.routing import websocket_urlpatterns  # noqa: E402
 from calls.security import OriginValidator  # noqa: E402
+
+backpressure.install()
 
 application = ProtocolTypeRouter(
     {

@@ -8,6 +8,8 @@ one process REDIS_URL and DATABASE_URL.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -130,6 +132,13 @@ else:
         }
     }
 
+# Failed logins (POST /api/token) are counted in the cache, shared between
+# processes when Redis is configured.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
 # --- Auth, static files, i18n --------------------------------------------
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -150,6 +159,8 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 # WhiteNoise serves the test page's files from daphne itself, straight from the
 # app folders, so no collectstatic step is needed to run.
 WHITENOISE_USE_FINDERS = True
+# Without collectstatic (development, tests) STATIC_ROOT does not exist; finders serve the files.
+warnings.filterwarnings("ignore", message="No directory at", module="whitenoise.base")
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
@@ -176,10 +187,12 @@ SIGNALING_ALLOWED_ORIGINS = env_list("SIGNALING_ALLOWED_ORIGINS", [])
 SIGNALING_MAX_MESSAGE_BYTES = env_int("SIGNALING_MAX_MESSAGE_BYTES", 65536, minimum=1024)
 # Token bucket per connection: "RATE/BURST" messages per second.
 SIGNALING_RATE = env_str("SIGNALING_RATE", "50/200")
+if not re.fullmatch(r"\d+(\.\d+)?/\d+", SIGNALING_RATE):
+    raise ImproperlyConfigured(f"SIGNALING_RATE must look like 50/200 (per second/burst), not {SIGNALING_RATE!r}")
 SIGNALING_MAX_SESSIONS_PER_USER = env_int("SIGNALING_MAX_SESSIONS_PER_USER", 5, minimum=1)
 SIGNALING_REGISTER_TIMEOUT = env_float("SIGNALING_REGISTER_TIMEOUT", 10.0, minimum=0.1)
-# Messages queued for one slow client before it is disconnected.
-SIGNALING_SEND_QUEUE_LIMIT = env_int("SIGNALING_SEND_QUEUE_LIMIT", 256, minimum=8)
+# Bytes daphne may hold for a client that stops reading before it is disconnected.
+SIGNALING_SEND_BUFFER_BYTES = env_int("SIGNALING_SEND_BUFFER_BYTES", 1048576, minimum=65536)
 SIGNALING_RESUME_GRACE = env_float("SIGNALING_RESUME_GRACE", 30.0, minimum=0.1)
 SIGNALING_RESUME_QUEUE_LIMIT = env_int("SIGNALING_RESUME_QUEUE_LIMIT", 200, minimum=1)
 SIGNALING_ICE_SERVERS = env_json_list("SIGNALING_ICE_SERVERS")
