@@ -128,9 +128,8 @@
       } catch (err) {
         return;
       }
-      const handler = handlers[message.type];
-      if (handler) {
-        handler(message);
+      if (message && Object.prototype.hasOwnProperty.call(handlers, message.type)) {
+        handlers[message.type](message);
       }
     });
     ws.addEventListener("close", (event) => {
@@ -138,13 +137,13 @@
         return;
       }
       state.ws = null;
-      const wasRegistered = state.registered;
       state.registered = false;
       if (state.call) {
         finishCall(state.call, "Call ended: the connection to the server was lost", "disconnected");
       }
       renderUsers([]);
-      if (event.code === 4401 || !state.wantOnline || !wasRegistered) {
+      // Retry only a session that once worked: a first failure is reported as it is.
+      if (event.code === 4401 || !state.wantOnline || !state.me.wasOnline) {
         if (state.wantOnline) {
           setStatus(event.code === 4401 ? "The server refused the token" : "Could not reach the server", "error");
         }
@@ -179,7 +178,7 @@
         return;
       }
     }
-    state.me = { username, userId: userIdFor(username), token };
+    state.me = { username, userId: userIdFor(username), token, wasOnline: false };
     setStatus(`Going online as ${username}…`, "connecting");
     connect();
   }
@@ -312,6 +311,11 @@
       state.media.then((stream) => stream && applyToggles(stream));
     }
     ui.localVideo.classList.toggle("camera-off", ui.cameraBtn.getAttribute("aria-pressed") === "true");
+  }
+
+  function resetToggle(button, label) {
+    button.setAttribute("aria-pressed", "false");
+    button.textContent = label;
   }
 
   // --- Calls -----------------------------------------------------------
@@ -536,6 +540,9 @@
     }
     stopTimer();
     stopLocalMedia();
+    resetToggle(ui.muteBtn, "Mute mic");
+    resetToggle(ui.cameraBtn, "Camera off");
+    ui.localVideo.classList.remove("camera-off");
     ui.remoteVideo.srcObject = null;
     ui.incoming.hidden = true;
     setStatus(text, "ended", reason);
@@ -564,6 +571,7 @@
   const handlers = {
     registered(message) {
       state.registered = true;
+      state.me.wasOnline = true;
       state.me.username = message.username;
       state.iceServers = Array.isArray(message.ice_servers) ? message.ice_servers : [];
       ui.registerPanel.hidden = true;
