@@ -18,11 +18,14 @@ import os
 import re
 import socket
 import sqlite3
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, WebSocket, expect, sync_playwright
 
@@ -245,3 +248,50 @@ def test_a_user_in_two_tabs_answers_in_one_and_the_other_stops_ringing(open_tab,
     erin.page.click("#hangup-btn")
     expect(frank_second.page.locator("#status")).to_have_attribute("data-reason", "hangup")
     assert call_rows(server, "erin", "frank") == [("completed", "hangup")]
+
+
+def post_json(url: str, body: dict[str, Any]) -> int:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - a loopback test server
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_in_token_mode_the_page_signs_in_with_a_password(browser, tmp_path):
+    env = {"SIGNALING_AUTH": "token", "SIGNALING_JWT_SECRET": "j" * 40, "SIGNALING_ALLOW_SIGNUP": "true"}
+    with daphne_server(tmp_path, **env) as server:
+        password = "a long and unusual passphrase"
+        assert post_json(f"{server.http_url}/api/users", {"username": "grace", "password": password}) == 201
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            tab = Tab(page)
+            page.on("websocket", tab.watch)
+            page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+            page.goto(server.http_url + "/")
+            page.fill("#username", "grace")
+            page.click(".advanced summary")
+            page.fill("#password", "not the password")
+            page.click("#register-btn")
+            expect(page.locator("#status")).to_have_attribute("data-state", "error")
+            expect(page.locator("#status")).to_contain_text("Could not sign in")
+            assert tab.sent == []
+
+            page.fill("#password", password)
+            page.click("#register-btn")
+            expect(page.locator("#status")).to_have_attribute("data-state", "online")
+            (register,) = tab.sent_of("register")
+            assert verify_token_with(register["token"], env["SIGNALING_JWT_SECRET"]) == "grace"
+            assert tab.received_of("registered")[0]["username"] == "grace"
+            assert tab.errors == []
+        finally:
+            context.close()
+
+
+def verify_token_with(token: str, secret: str) -> str:
+    return jwt.decode(token, secret, algorithms=["HS256"])["sub"]
