@@ -269,19 +269,27 @@
   function startLocalMedia() {
     if (!state.media) {
       const constraints = { audio: true, video: { width: { ideal: 640 }, height: { ideal: 480 } } };
-      state.media = navigator.mediaDevices
+      const media = navigator.mediaDevices
         .getUserMedia(constraints)
         .catch(() => navigator.mediaDevices.getUserMedia({ audio: true }))
         .then((stream) => {
+          if (state.media !== media) {
+            // The call ended while the browser was still asking for the camera.
+            stream.getTracks().forEach((track) => track.stop());
+            return null;
+          }
           ui.localVideo.srcObject = stream;
           ui.localVideo.hidden = false;
           applyToggles(stream);
           return stream;
         })
         .catch((err) => {
-          setStatus(`No camera or microphone (${err.name}); the call continues without them`, "connecting");
+          if (state.media === media) {
+            setStatus(`No camera or microphone (${err.name}); the call goes on without them`, "connecting");
+          }
           return null;
         });
+      state.media = media;
     }
     return state.media;
   }
