@@ -8,13 +8,13 @@ async with SignalingClient("ws://127.0.0.1:8765/", "alice", "alice-id") as clien
 
 from __future__ import annotations
 
-from signaling_client.client import (
+from signaling_client.book import CallInfo
+from signaling_client.client import SignalingClient
+from signaling_client.errors import (
     CallFailed,
-    CallInfo,
     ClientClosedError,
     NotConnectedError,
     RegistrationError,
-    SignalingClient,
     SignalingError,
 )
 from signaling_client.events import (

@@ -16,7 +16,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 
 from signaling_client import events as ev
-from signaling_client.client import CallFailed, RegistrationError, SignalingClient
+from signaling_client.client import SignalingClient
+from signaling_client.errors import CallFailed, RegistrationError
 
 DEFAULT_URL = "ws://127.0.0.1:8765/"
 

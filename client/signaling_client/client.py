@@ -17,7 +17,6 @@ import logging
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
 from typing import Any, TypeVar, overload
 
 from websockets.asyncio.client import ClientConnection
@@ -25,11 +24,19 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from signaling_client import events as ev
+from signaling_client.book import CallBook, CallInfo
+from signaling_client.errors import (
+    CallFailed,
+    ClientClosedError,
+    NotConnectedError,
+    RegistrationError,
+    SignalingError,
+)
+from signaling_client.hub import EventHub
 
 logger = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=ev.Event)
-Handler = Callable[[Any], Any]
 TokenSource = str | Callable[[], str | Awaitable[str]] | None
 
 RESUME_FAILED = "resume_failed"
@@ -39,43 +46,6 @@ FATAL_REGISTRATION_CODES = frozenset({"unauthorized", "username_taken", "already
 CALL_REQUEST_ERRORS = frozenset(
     {"user_offline", "already_in_call", "invalid_message", "rate_limited", "internal_error", "not_registered"}
 )
-_REMEMBERED_ENDED_CALLS = 256
-_END = object()
-
-
-class SignalingError(Exception):
-    """The server answered a request with an error."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class RegistrationError(SignalingError):
-    """The server refused the registration (unauthorized, username_taken, ...)."""
-
-
-class CallFailed(SignalingError):
-    """A call request failed: code "busy", "user_offline", "already_in_call", ..."""
-
-
-class NotConnectedError(RuntimeError):
-    """The client has no registered connection right now."""
-
-
-class ClientClosedError(RuntimeError):
-    """The client was closed."""
-
-
-@dataclass(frozen=True, slots=True)
-class CallInfo:
-    """One of this client's live calls as the client knows it."""
-
-    call_id: str
-    peer_username: str
-    outgoing: bool
-    status: str  # "ringing" or "answered"
 
 
 class SignalingClient:
@@ -128,16 +98,9 @@ class SignalingClient:
         self._ready = False
         self._registered: ev.Registered | None = None
         self._resume_token: str | None = None
-        self._calls: dict[str, CallInfo] = {}
-        self._ended: dict[str, None] = {}
-        self._reported_lost: set[str] = set()
-        self._online: dict[str, ev.User] = {}
+        self._book = CallBook()
+        self._hub = EventHub(username, backlog_size)
         self._held: deque[str] = deque()
-        self._handlers: dict[type, list[Handler]] = {}
-        self._subscribers: list[asyncio.Queue[Any]] = []
-        self._backlog: deque[ev.Event] | None = deque(maxlen=backlog_size)
-        self._waiters: list[tuple[Callable[[ev.Event], bool], asyncio.Future[ev.Event]]] = []
-        self._handler_tasks: set[asyncio.Task[Any]] = set()
         self._task: asyncio.Task[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._request_lock = asyncio.Lock()
@@ -168,12 +131,12 @@ class SignalingClient:
 
     @property
     def online_users(self) -> tuple[ev.User, ...]:
-        return tuple(self._online.values())
+        return tuple(self._book.online.values())
 
     @property
     def calls(self) -> Mapping[str, CallInfo]:
         """This client's live calls by call id."""
-        return dict(self._calls)
+        return dict(self._book.calls)
 
     # --- Connection ------------------------------------------------------
 
@@ -265,34 +228,18 @@ class SignalingClient:
         """Adopt a fresh registration: reconcile calls, send held messages, start pinging."""
         self._registered = registered
         self._resume_token = registered.resume_token
-        if registered.resumed:
-            live = {call.call_id: call for call in registered.calls}
-            lost = [info for call_id, info in self._calls.items() if call_id not in live]
-            self._calls = {
-                call.call_id: CallInfo(
-                    call.call_id,
-                    call.peer_username,
-                    self._calls[call.call_id].outgoing if call.call_id in self._calls else False,
-                    call.status,
-                )
-                for call in registered.calls
-            }
-        else:
-            lost = list(self._calls.values())
-            self._calls = {}
-            if self._held:
-                logger.info("%s: dropping %d held messages of the previous session", self.username, len(self._held))
-                self._held.clear()
+        lost = self._book.adopt(registered)
+        if not registered.resumed and self._held:
+            logger.info("%s: dropping %d held messages of the previous session", self.username, len(self._held))
+            self._held.clear()
         logger.info(
             "%s: registered%s on %s", self.username, " (session resumed)" if registered.resumed else "", self.url
         )
-        self._deliver(registered)
-        for info in lost:
-            self._forget_call(info.call_id)
-            self._reported_lost.add(info.call_id)
-            self._deliver(ev.CallEnded(info.peer_username, info.call_id, "disconnected"))
+        self._hub.deliver(registered)
+        for event in lost:
+            self._hub.deliver(event)
         if reconnecting:
-            self._deliver(ev.Reconnected(resumed=registered.resumed))
+            self._hub.deliver(ev.Reconnected(resumed=registered.resumed))
         # Held messages go first; anything sent meanwhile joins the queue until it is empty.
         while self._held:
             await ws.send(self._held[0])
@@ -337,7 +284,7 @@ class SignalingClient:
         while not self._closing:
             attempt += 1
             delay = self._backoff(attempt)
-            self._deliver(ev.Reconnecting(attempt=attempt, delay=delay, reason=reason))
+            self._hub.deliver(ev.Reconnecting(attempt=attempt, delay=delay, reason=reason))
             await asyncio.sleep(delay)
             try:
                 return await self._open_session(reconnecting=True)
@@ -369,14 +316,9 @@ class SignalingClient:
             return
         self._closed = True
         self._lose_socket()
-        for _, future in self._waiters:
-            if not future.done():
-                future.set_exception(ClientClosedError("the client was closed"))
-        self._waiters.clear()
         logger.info("%s: client closed (%s)", self.username, reason)
-        self._deliver(ev.Closed(reason=reason))
-        for queue in self._subscribers:
-            queue.put_nowait(_END)
+        self._hub.deliver(ev.Closed(reason=reason))
+        self._hub.close()
 
     async def _keep_alive(self, ws: ClientConnection) -> None:
         assert self.ping_interval is not None
@@ -394,68 +336,10 @@ class SignalingClient:
     # --- Inbound ---------------------------------------------------------
 
     def _receive(self, event: ev.Event) -> None:
-        if self._track(event):
-            self._deliver(event)
-
-    def _track(self, event: ev.Event) -> bool:
-        """Update what the client knows from a server event; False to drop a duplicate."""
-        match event:
-            case ev.Registered():
-                self._registered = event
-            case ev.OnlineUsers():
-                self._online = {user.username: user for user in event.users}
-            case ev.UserOnline():
-                self._online[event.username] = ev.User(event.username, event.user_id)
-            case ev.UserOffline():
-                self._online.pop(event.username, None)
-            case ev.IncomingCall(call_id=str() as call_id):
-                self._calls[call_id] = CallInfo(call_id, event.caller_username, outgoing=False, status="ringing")
-            case ev.CallRinging():
-                self._calls[event.call_id] = CallInfo(event.call_id, event.target_username, True, "ringing")
-            case ev.CallAccepted(call_id=str() as call_id) if call_id in self._calls:
-                self._calls[call_id] = replace(self._calls[call_id], status="answered")
-            case ev.CallEnded(call_id=str() as call_id) | ev.CallRejected(call_id=str() as call_id):
-                if call_id in self._reported_lost:
-                    # Already reported as ended when the session could not be resumed.
-                    return False
-                self._forget_call(call_id)
-        return True
-
-    def _forget_call(self, call_id: str) -> None:
-        self._calls.pop(call_id, None)
-        self._ended[call_id] = None
-        while len(self._ended) > _REMEMBERED_ENDED_CALLS:
-            oldest = next(iter(self._ended))
-            del self._ended[oldest]
-            self._reported_lost.discard(oldest)
-
-    def _deliver(self, event: ev.Event) -> None:
-        for predicate, future in self._waiters:
-            if not future.done() and predicate(event):
-                future.set_result(event)
-        for kind in type(event).__mro__:
-            for handler in list(self._handlers.get(kind, ())):
-                self._call_handler(handler, event)
-        if self._backlog is not None:
-            self._backlog.append(event)
-        for queue in self._subscribers:
-            queue.put_nowait(event)
-
-    def _call_handler(self, handler: Handler, event: ev.Event) -> None:
-        try:
-            result = handler(event)
-        except Exception:
-            logger.exception("%s: handler %r failed on %s", self.username, handler, type(event).__name__)
-            return
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            self._handler_tasks.add(task)
-            task.add_done_callback(self._handler_done)
-
-    def _handler_done(self, task: asyncio.Future[Any]) -> None:
-        self._handler_tasks.discard(task)  # type: ignore[arg-type]
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("%s: async handler failed", self.username, exc_info=task.exception())
+        if isinstance(event, ev.Registered):
+            self._registered = event
+        if self._book.track(event):
+            self._hub.deliver(event)
 
     # --- Events for the application ---------------------------------------
 
@@ -477,14 +361,12 @@ class SignalingClient:
                 return function
 
             return decorate
-        self._handlers.setdefault(event_type, []).append(handler)
+        self._hub.add_handler(event_type, handler)
         return handler
 
-    def off(self, event_type: type[ev.Event], handler: Handler) -> None:
+    def off(self, event_type: type[ev.Event], handler: Callable[[Any], Any]) -> None:
         """Remove a handler added with `on`."""
-        handlers = self._handlers.get(event_type, [])
-        if handler in handlers:
-            handlers.remove(handler)
+        self._hub.remove_handler(event_type, handler)
 
     async def events(self) -> AsyncIterator[ev.Event]:
         """Yield every event until the client closes.
@@ -492,43 +374,19 @@ class SignalingClient:
         The first iterator also receives the events since connect() (up to
         `backlog_size`), so nothing is missed between connecting and iterating.
         """
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        if self._backlog is not None:
-            for event in self._backlog:
-                queue.put_nowait(event)
-            self._backlog = None
-        if self._closed:
-            queue.put_nowait(_END)
-        self._subscribers.append(queue)
-        try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    return
-                yield item
-        finally:
-            self._subscribers.remove(queue)
+        async for event in self._hub.events():
+            yield event
 
     async def wait_for(
         self, event_type: type[E], predicate: Callable[[E], bool] | None = None, timeout: float | None = None
     ) -> E:
         """Wait for the next event of `event_type` for which `predicate` holds."""
-        future = self._expect(lambda e: isinstance(e, event_type) and (predicate is None or predicate(e)))
+        future = self._hub.expect(lambda e: isinstance(e, event_type) and (predicate is None or predicate(e)))
         try:
             async with asyncio.timeout(timeout):
                 return await future  # type: ignore[return-value]
         finally:
-            self._unexpect(future)
-
-    def _expect(self, predicate: Callable[[ev.Event], bool]) -> asyncio.Future[ev.Event]:
-        if self._closed:
-            raise ClientClosedError("the client was closed")
-        future: asyncio.Future[ev.Event] = asyncio.get_running_loop().create_future()
-        self._waiters.append((predicate, future))
-        return future
-
-    def _unexpect(self, future: asyncio.Future[ev.Event]) -> None:
-        self._waiters = [(p, f) for p, f in self._waiters if f is not future]
+            self._hub.unexpect(future)
 
     # --- Requests ----------------------------------------------------------
 
@@ -556,29 +414,29 @@ class SignalingClient:
 
     async def accept(self, call_id: str) -> None:
         """Accept a ringing incoming call."""
-        info = self._calls.get(call_id)
+        info = self._book.calls.get(call_id)
         message: dict[str, Any] = {"type": "call_accepted", "call_id": call_id}
         if info is not None:
             message["caller_username"] = info.peer_username
-            self._calls[call_id] = replace(info, status="answered")
+            self._book.answered(call_id)
         await self._send(message, hold=True)
 
     async def reject(self, call_id: str) -> None:
         """Refuse a ringing incoming call."""
-        info = self._calls.get(call_id)
+        info = self._book.calls.get(call_id)
         message: dict[str, Any] = {"type": "call_rejected", "call_id": call_id}
         if info is not None:
             message["caller_username"] = info.peer_username
-        self._forget_call(call_id)
+        self._book.forget(call_id)
         await self._send(message, hold=True)
 
     async def hang_up(self, call_id: str) -> None:
         """End a call: hang up an answered call, or cancel one still ringing."""
-        info = self._calls.get(call_id)
+        info = self._book.calls.get(call_id)
         message: dict[str, Any] = {"type": "call_ended", "call_id": call_id}
         if info is not None:
             message["target_username"] = info.peer_username
-        self._forget_call(call_id)
+        self._book.forget(call_id)
         await self._send(message, hold=True)
 
     async def send_offer(self, call_id: str, data: Mapping[str, Any]) -> None:
@@ -594,9 +452,9 @@ class SignalingClient:
         await self._signal("ice_candidate", call_id, data)
 
     async def _signal(self, kind: str, call_id: str, data: Mapping[str, Any]) -> None:
-        info = self._calls.get(call_id)
+        info = self._book.calls.get(call_id)
         if info is None:
-            if call_id in self._ended:
+            if self._book.ended(call_id):
                 # A race with the other party hanging up: nothing to deliver it to.
                 logger.debug("%s: %s for ended call %s not sent", self.username, kind, call_id)
                 return
@@ -628,13 +486,13 @@ class SignalingClient:
     async def _request(
         self, message: dict[str, Any], answers: Callable[[ev.Event], bool], timeout: float | None
     ) -> ev.Event:
-        future = self._expect(answers)
+        future = self._hub.expect(answers)
         try:
             await self._send(message, hold=False)
             async with asyncio.timeout(timeout if timeout is not None else self.request_timeout):
                 return await future
         finally:
-            self._unexpect(future)
+            self._hub.unexpect(future)
 
     async def _send(self, message: dict[str, Any], *, hold: bool) -> None:
         if self._closed or self._closing:
