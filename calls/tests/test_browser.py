@@ -27,7 +27,7 @@ from typing import Any
 
 import jwt
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, WebSocket, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Locator, Page, WebSocket, expect, sync_playwright
 
 from calls.tests.servers import DaphneServer, daphne_server
 from calls.tests.services import in_ci
@@ -93,7 +93,7 @@ class Tab:
     def received_of(self, kind: str) -> list[dict[str, Any]]:
         return [message for message in self.received if message["type"] == kind]
 
-    def user(self, username: str) -> Any:
+    def user(self, username: str) -> Locator:
         return self.page.locator(f'#online-users li[data-username="{username}"]')
 
 
