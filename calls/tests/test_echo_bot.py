@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import json
 import math
 import sys
 import time
@@ -19,6 +20,7 @@ import aioice.ice
 import av
 import pytest
 import signaling_client as sc
+from aioice import stun
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
@@ -160,6 +162,27 @@ class Returned:
             while not condition():
                 self.changed.clear()
                 await self.changed.wait()
+
+
+class StunResponder(asyncio.DatagramProtocol):
+    """A STUN server on 127.0.0.1 that answers Binding requests and counts them."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        request = stun.parse_message(data)
+        self.requests += 1
+        response = stun.Message(
+            message_method=stun.Method.BINDING,
+            message_class=stun.Class.RESPONSE,
+            transaction_id=request.transaction_id,
+        )
+        response.attributes["XOR-MAPPED-ADDRESS"] = addr
+        self.transport.sendto(bytes(response), addr)
 
 
 # --- Fixtures -----------------------------------------------------------------------
@@ -309,11 +332,20 @@ def test_browser_candidates_parse_for_aiortc():
 
 
 async def test_the_echo_bot_sends_a_callers_video_and_audio_back(tmp_path):
-    with daphne_server(tmp_path, SIGNALING_PRESENCE_WINDOW_MS="20") as server:
-        async with BotProcess(server) as bot:
-            call_id, returned, video = await echo_call(server.url, "caller")
-            await bot.wait_for_line(f"call {call_id} from caller: ended (hangup)")
-        assert bot.proc.returncode == 0, bot.log
+    # The server hands out a (local) STUN server: the bot must use it, and nothing else.
+    transport, stun_server = await asyncio.get_running_loop().create_datagram_endpoint(
+        StunResponder, local_addr=("127.0.0.1", 0)
+    )
+    ice_servers = json.dumps([{"urls": f"stun:127.0.0.1:{transport.get_extra_info('sockname')[1]}"}])
+    try:
+        with daphne_server(tmp_path, SIGNALING_PRESENCE_WINDOW_MS="20", SIGNALING_ICE_SERVERS=ice_servers) as server:
+            async with BotProcess(server) as bot:
+                call_id, returned, video = await echo_call(server.url, "caller")
+                await bot.wait_for_line(f"call {call_id} from caller: ended (hangup)")
+            assert bot.proc.returncode == 0, bot.log
+    finally:
+        transport.close()
+    assert stun_server.requests >= 1, "the bot's peer connection must use the ICE servers from registered"
     assert_echoed(returned, video)
     assert call_row(server, call_id) == ("completed", "hangup")
     assert f"call {call_id} from caller: started" in bot.log
