@@ -7,11 +7,13 @@ import asyncio
 import json
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import jwt
 import pytest
 import signaling_client as sc
 from websockets.asyncio.server import ServerConnection, serve
@@ -246,6 +248,17 @@ async def test_the_cli_lists_users_and_places_a_call(server, open_client):
     assert call_row(server, call_id) == ("completed", "hangup")
 
 
+async def test_delta_presence_keeps_the_online_list_current(server, open_client):
+    alice, a_events = await open_client(server.url, "alice9", presence="delta")
+    await a_events.expect(sc.OnlineUsers)
+    bob, _ = await open_client(server.url, "bob9")
+    assert await a_events.expect(sc.UserOnline, username="bob9") == sc.UserOnline("bob9", "id-bob9")
+    assert sc.User("bob9", "id-bob9") in alice.online_users
+    await bob.close()
+    await a_events.expect(sc.UserOffline, username="bob9")
+    assert "bob9" not in {user.username for user in alice.online_users}
+
+
 # --- Reconnection and resume against daphne -----------------------------------
 
 
@@ -351,6 +364,27 @@ async def test_a_dropped_socket_resumes_the_session_and_its_call(server, open_cl
         await bob.hang_up(call_id)
         await a_events.expect(sc.CallEnded, call_id=call_id, reason="hangup")
         assert call_row(server, call_id) == ("completed", "hangup")
+
+
+async def test_token_auth_uses_a_fresh_token_on_every_registration(tmp_path, open_client):
+    secret = "test-secret-" + "x" * 32
+    issued: list[str] = []
+
+    async def token() -> str:
+        issued.append(jwt.encode({"sub": "dana", "exp": int(time.time()) + 600}, secret, algorithm="HS256"))
+        return issued[-1]
+
+    with daphne_server(tmp_path, SIGNALING_AUTH="token", SIGNALING_JWT_SECRET=secret, **FAST) as server:
+        with pytest.raises(sc.RegistrationError) as refused:
+            await open_client(server.url, "mallory", token="not-a-token")
+        assert refused.value.code == "unauthorized"
+
+        async with DroppingProxy(server.port) as proxy:
+            client, events = await open_client(proxy.url, "dana", token=token)
+            assert client.registered.username == "dana"
+            proxy.cut()
+            await events.expect(sc.Reconnected)
+        assert len(issued) == 2
 
 
 # --- Behaviour a real server cannot be made to show on cue: scripted servers -------

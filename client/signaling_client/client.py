@@ -368,14 +368,13 @@ class SignalingClient:
         """Remove a handler added with `on`."""
         self._hub.remove_handler(event_type, handler)
 
-    async def events(self) -> AsyncIterator[ev.Event]:
-        """Yield every event until the client closes.
+    def events(self) -> AsyncIterator[ev.Event]:
+        """Iterate over every event until the client closes.
 
         The first iterator also receives the events since connect() (up to
         `backlog_size`), so nothing is missed between connecting and iterating.
         """
-        async for event in self._hub.events():
-            yield event
+        return self._hub.events()
 
     async def wait_for(
         self, event_type: type[E], predicate: Callable[[E], bool] | None = None, timeout: float | None = None
