@@ -29,6 +29,7 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.sdp import candidate_from_sdp
 from signaling_client import SignalingClient
 from signaling_client import events as ev
+from websockets.exceptions import InvalidHandshake
 
 logger = logging.getLogger(__name__)
 
@@ -190,16 +191,33 @@ class EchoBot:
 async def run_echo_bot(
     url: str, username: str, user_id: str, token: str | None = None, stop: asyncio.Event | None = None
 ) -> None:
-    """Register as `username` and echo every call until `stop` is set (or forever)."""
-    async with SignalingClient(url, username, user_id, token=token) as client:
-        bot = EchoBot(client)
-        logger.info("echo bot registered as %s on %s", username, url)
-        runner = asyncio.create_task(bot.run())
-        waiter = asyncio.create_task(stop.wait()) if stop is not None else None
-        await asyncio.wait([t for t in (runner, waiter) if t is not None], return_when=asyncio.FIRST_COMPLETED)
-        if waiter is not None:
-            waiter.cancel()
+    """Register as `username` and echo every call until `stop` is set (or forever).
+
+    A server that cannot be reached yet is retried with backoff; a refused
+    registration raises RegistrationError.
+    """
+    stop = stop or asyncio.Event()
+    client = SignalingClient(url, username, user_id, token=token)
+    delay = 1.0
+    while True:
+        try:
+            await client.connect()
+            break
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            logger.warning("echo bot: cannot reach %s (%s); retrying in %.0f s", url, exc, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+            return
+        except TimeoutError:
+            delay = min(delay * 2, 30.0)
+    logger.info("echo bot registered as %s on %s", username, url)
+    bot = EchoBot(client)
+    runner = asyncio.create_task(bot.run())
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([runner, stopper], return_when=asyncio.FIRST_COMPLETED)
         await bot.end_all()
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
+    finally:
+        stopper.cancel()
+        await client.close()
+        await runner

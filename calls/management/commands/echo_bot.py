@@ -7,7 +7,8 @@ import signal
 import uuid
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from signaling_client import RegistrationError
 
 from calls.echo import run_echo_bot, use_host_addresses
 
@@ -37,7 +38,10 @@ class Command(BaseCommand):
         if options["ice_address"]:
             use_host_addresses(options["ice_address"])
         user_id = options["user_id"] or str(uuid.uuid5(uuid.NAMESPACE_URL, f"echo-bot:{options['username']}"))
-        asyncio.run(self._run(options["url"], options["username"], user_id, options["token"]))
+        try:
+            asyncio.run(self._run(options["url"], options["username"], user_id, options["token"]))
+        except RegistrationError as exc:
+            raise CommandError(f"the server refused the registration: {exc.code}: {exc.message}") from None
 
     async def _run(self, url: str, username: str, user_id: str, token: str | None) -> None:
         stop = asyncio.Event()
