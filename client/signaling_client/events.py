@@ -8,7 +8,7 @@ fields (a v1 server sends no `call_id`) become None or an empty value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,7 +249,7 @@ def _registered(m: Mapping[str, Any]) -> Registered:
     )
 
 
-def _signal(kind: type[Signal]) -> Any:
+def _signal(kind: type[Signal]) -> Callable[[Mapping[str, Any]], Signal]:
     def parse(m: Mapping[str, Any]) -> Signal:
         data = m.get("data")
         return kind(
@@ -276,7 +276,7 @@ def _history_entry(c: Mapping[str, Any]) -> HistoryEntry:
     )
 
 
-_PARSERS: dict[str, Any] = {
+_PARSERS: dict[str, Callable[[Mapping[str, Any]], Event]] = {
     "registered": _registered,
     "online_users": lambda m: OnlineUsers(
         users=tuple(User(_str(u, "username"), _str(u, "user_id")) for u in _dicts(m, "users")),
