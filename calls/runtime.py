@@ -1,11 +1,17 @@
 """The per-process side of the server: presence, ring timers and the reaper.
 
 One `Runtime` exists per event loop (one per daphne process). It starts on the
-first connection and runs three background jobs: a listener for presence
-changes made by other processes, lease renewal for this process's sessions,
-and a reaper that ends overdue and orphaned calls. Call-event delivery over
-the channel layer is here too, so the consumer and the reaper notify parties
-the same way.
+first connection and runs four background jobs: a listener for presence
+changes made by other processes, lease renewal for this process's sessions, a
+watch on the presence store that restores this process's state after Redis
+lost it (a restart), and a reaper that expires the leases of dead processes and
+ends overdue and orphaned calls. Call-event delivery over the channel layer is
+here too, so the consumer and the reaper notify parties the same way.
+
+Timing, from SIGNALING_PRESENCE_TTL (T): a lease lasts 2T/3 and is renewed
+every T/4; the reaper sweeps at least every T/3. A process that dies stops
+renewing, so its sessions' leases run out within 2T/3 and the next sweep of any
+other process (within T/3) removes them: they leave the list within T.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import hashlib
 import logging
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from channels.db import database_sync_to_async
@@ -24,8 +31,8 @@ from django.conf import settings
 
 from calls import lifecycle
 from calls.lifecycle import CallRecord
-from calls.presence import MemoryPresenceStore, PresenceHub, PresenceStore
-from calls.states import CallStatus
+from calls.presence import MemoryPresenceStore, PresenceHub, PresenceStore, SessionInfo, StoreUnavailable
+from calls.states import CallStatus, EndReason
 
 if TYPE_CHECKING:
     from calls.consumers import SignalingConsumer
@@ -33,6 +40,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PRESENCE_GROUP = "presence"
+# WebSocket close code for a session that cannot be listed again after the store
+# lost it (its username went to someone else meanwhile): the client reconnects.
+CLOSE_SERVICE_RESTART = 1012
+# Seconds between checks that the presence store still holds this process's data.
+STORE_WATCH_INTERVAL = 1.0
+# Seconds between attempts to deliver a call's end while the channel layer is down.
+DELIVERY_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# Seconds to wait for the channel layer to deliver to this process again after a Redis restart.
+LAYER_PROBE_TIMEOUT = 10.0
 
 
 def user_group(username: str) -> str:
@@ -59,10 +75,27 @@ class Runtime:
         self.store = make_store()
         self.hub = PresenceHub(self.store, settings.SIGNALING_PRESENCE_WINDOW_MS / 1000)
         self.sessions: dict[str, SignalingConsumer] = {}
+        ttl = settings.SIGNALING_PRESENCE_TTL
+        # How long a session's presence lease lasts: renewals come every ttl/4, so
+        # a renewal may be late by 5ttl/12 before a live session lapses.
+        self.lease_seconds = ttl * 2 / 3
+        self._renew_interval = ttl / 4
+        self._sweep_interval = min(settings.SIGNALING_REAPER_INTERVAL, ttl / 3)
+        self._watch_interval = min(STORE_WATCH_INTERVAL, ttl / 4)
         self._tasks: list[asyncio.Task] = []
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._start_lock = asyncio.Lock()
         self._started = False
         self._process_channel = ""
+        self._epoch: str | None = None
+        self._store_down = False
+        # After the store lost its data, other processes need a lease period to
+        # write their sessions back; until then a missing session is not a dead one.
+        self._vanished_hold_until = 0.0
+        self._announce_task: asyncio.Task | None = None
+        self._announce_pending = False
+        self._probes: dict[str, asyncio.Future] = {}
+        self._retries: set[asyncio.Task] = set()
 
     @classmethod
     def current(cls) -> Runtime:
@@ -76,59 +109,214 @@ class Runtime:
         return runtime
 
     async def start(self) -> None:
-        """Start the background jobs once."""
+        """Start the background jobs once; a failed start (Redis down) is tried again next time."""
         if self._started:
             return
-        self._started = True
-        self._process_channel = await self.layer.new_channel(prefix=f"process.{self.process_id}.")
-        await self.layer.group_add(PRESENCE_GROUP, self._process_channel)
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._listen_for_presence()),
-            loop.create_task(self._renew_leases()),
-            loop.create_task(self._reap()),
-        ]
+        async with self._start_lock:
+            if self._started:
+                return
+            channel = await self.layer.new_channel(prefix=f"process.{self.process_id}.")
+            await self.layer.group_add(PRESENCE_GROUP, channel)
+            self._process_channel = channel
+            try:
+                self._epoch = await self.store.epoch()
+            except StoreUnavailable:
+                self._epoch = None
+            loop = asyncio.get_running_loop()
+            self._tasks = [
+                loop.create_task(self._listen_for_presence()),
+                loop.create_task(self._renew_leases()),
+                loop.create_task(self._watch_store()),
+                loop.create_task(self._reap()),
+            ]
+            self._started = True
         logger.info("runtime %s started (pid %s)", self.process_id, os.getpid())
 
     async def stop(self) -> None:
         """Cancel the background jobs (tests and shutdown)."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._retries, *([self._announce_task] if self._announce_task else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for timer in self._timers.values():
             timer.cancel()
-        self._tasks, self._timers, self._started = [], {}, False
+        with contextlib.suppress(Exception):
+            await self.store.close()
+        self._tasks, self._timers, self._started, self._announce_task = [], {}, False, None
 
     # --- Presence ------------------------------------------------------
 
     async def presence_changed(self) -> None:
-        """Broadcast soon here, and tell the other processes to do the same."""
+        """Broadcast soon here, and tell the other processes to do the same.
+
+        The other processes are told at once, then at most once per presence
+        window however many changes follow: a sign-in storm costs each process
+        one message per window, not one per sign-in.
+        """
         self.hub.changed()
-        await self.layer.group_send(PRESENCE_GROUP, {"type": "presence.changed", "origin": self.process_id})
+        self._announce_pending = True
+        if self._announce_task is None or self._announce_task.done():
+            self._announce_task = asyncio.get_running_loop().create_task(self._announce())
+
+    async def _announce(self) -> None:
+        failing = False
+        while self._announce_pending:
+            self._announce_pending = False
+            try:
+                await self.layer.group_send(PRESENCE_GROUP, {"type": "presence.changed", "origin": self.process_id})
+                failing = False
+            except Exception as exc:  # noqa: BLE001 - the layer's errors depend on its backend
+                if not failing:
+                    logger.warning(
+                        "runtime %s: could not tell other processes of a presence change (%s); retrying",
+                        self.process_id,
+                        exc,
+                    )
+                failing = True
+                # Until it gets through, the other processes' lists miss this change.
+                self._announce_pending = True
+                await asyncio.sleep(STORE_WATCH_INTERVAL / 2)
+            await asyncio.sleep(self.hub.window)
 
     async def _listen_for_presence(self) -> None:
+        failing = False
         while True:
             try:
                 event = await self.layer.receive(self._process_channel)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("runtime %s: presence listener failed; retrying", self.process_id)
+            except Exception as exc:  # noqa: BLE001 - the layer's errors depend on its backend
+                if not failing:
+                    logger.warning("runtime %s: presence listener failed (%s); retrying", self.process_id, exc)
+                failing = True
                 await asyncio.sleep(1)
                 continue
+            failing = False
             if event.get("type") == "presence.changed" and event.get("origin") != self.process_id:
                 self.hub.changed()
+            elif event.get("type") == "runtime.probe":
+                arrived = self._probes.get(event.get("token", ""))
+                if arrived is not None and not arrived.done():
+                    arrived.set_result(None)
 
     async def _renew_leases(self) -> None:
-        ttl = settings.SIGNALING_PRESENCE_TTL
         while True:
-            await asyncio.sleep(ttl / 3)
+            await asyncio.sleep(self._renew_interval)
             try:
-                await self.store.renew(list(self.sessions), ttl)
+                missing = await self.store.renew(list(self.sessions), self.lease_seconds)
+                self._store_reachable()
+                # After a store restart every lease is missing: the watch restores those.
+                if missing and await self._store_unchanged():
+                    logger.warning(
+                        "runtime %s: %d session lease(s) had lapsed; joining them again", self.process_id, len(missing)
+                    )
+                    await self._rejoin([self.sessions[c] for c in missing if c in self.sessions])
+                    await self.presence_changed()
+            except StoreUnavailable as exc:
+                self._store_unreachable(exc)
             except Exception:
                 logger.exception("runtime %s: lease renewal failed", self.process_id)
+
+    async def _rejoin(self, consumers: list[SignalingConsumer]) -> None:
+        """Write these sessions' leases again; close the ones whose username went to another user_id."""
+        sessions = [consumer.session for consumer in consumers if consumer.session is not None]
+        refused = await self.store.restore(sessions, settings.SIGNALING_MAX_SESSIONS_PER_USER, self.lease_seconds)
+        for session, exc in refused:
+            consumer = self.sessions.get(session.channel)
+            logger.warning("session %s (%s) cannot be listed again: %s", session.channel, session.username, exc.code)
+            if consumer is not None:
+                with contextlib.suppress(Exception):
+                    await consumer.send_error(exc.code, exc.message)
+                    await consumer.close(code=CLOSE_SERVICE_RESTART)
+
+    async def _watch_store(self) -> None:
+        while True:
+            await asyncio.sleep(self._watch_interval)
+            try:
+                await self._check_store()
+            except StoreUnavailable as exc:
+                self._store_unreachable(exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("runtime %s: restoring state after a Redis restart failed; retrying", self.process_id)
+
+    async def _check_store(self) -> None:
+        """Restore this process's state if the store lost its data since the last check."""
+        epoch = await self.store.epoch()
+        self._store_reachable()
+        if self._epoch is None:
+            # Started while the store was down: whatever joined since is in this data set.
+            self._epoch = epoch
+        elif epoch != self._epoch:
+            self._hold_vanished()
+            await self._restore_after_store_loss()
+            self._epoch = epoch
+            self._hold_vanished()
+
+    async def _store_unchanged(self) -> bool:
+        epoch = await self.store.epoch()
+        return self._epoch is None or epoch == self._epoch
+
+    def _hold_vanished(self) -> None:
+        # Every process needs a probe and a renewal to write its sessions back.
+        hold = self.lease_seconds + LAYER_PROBE_TIMEOUT
+        self._vanished_hold_until = asyncio.get_running_loop().time() + hold
+
+    async def _restore_after_store_loss(self) -> None:
+        """Re-subscribe, re-add every local session to its user group, and write the leases again."""
+        logger.warning(
+            "runtime %s: the presence store lost its data (Redis restarted?); restoring %d session(s)",
+            self.process_id,
+            len(self.sessions),
+        )
+        # Sessions are listed again only once the layer can reach them: a caller who
+        # sees them may signal them straight away.
+        await self._layer_delivers()
+        # The core layer keeps group members in Redis (lost); pub/sub subscriptions are
+        # restored by the client on reconnect, where these calls change nothing.
+        if self._process_channel:
+            await self.layer.group_add(PRESENCE_GROUP, self._process_channel)
+        consumers = list(self.sessions.values())
+        for consumer in consumers:
+            if consumer.session is not None:
+                await self.layer.group_add(user_group(consumer.session.username), consumer.channel_name)
+        await self._rejoin(consumers)
+        await self.presence_changed()
+        logger.info("runtime %s: state restored after the presence store came back", self.process_id)
+
+    async def _layer_delivers(self) -> None:
+        """Return once a message sent to this process's channel comes back through the layer.
+
+        After a Redis restart the layer's subscriber reconnects (and subscribes
+        again) on its own schedule; until then messages to local sessions are lost.
+        """
+        if not self._process_channel:
+            return
+        token = uuid.uuid4().hex
+        arrived = asyncio.get_running_loop().create_future()
+        self._probes[token] = arrived
+        try:
+            async with asyncio.timeout(LAYER_PROBE_TIMEOUT):
+                while not arrived.done():
+                    with contextlib.suppress(Exception):
+                        await self.layer.send(self._process_channel, {"type": "runtime.probe", "token": token})
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(arrived), 0.5)
+        finally:
+            self._probes.pop(token, None)
+
+    def _store_unreachable(self, exc: Exception) -> None:
+        if not self._store_down:
+            logger.warning("runtime %s: presence store unreachable (%s); retrying", self.process_id, exc)
+        self._store_down = True
+
+    def _store_reachable(self) -> None:
+        if self._store_down:
+            logger.info("runtime %s: presence store reachable again", self.process_id)
+        self._store_down = False
 
     # --- Calls ---------------------------------------------------------
 
@@ -152,24 +340,33 @@ class Runtime:
 
     async def _reap(self) -> None:
         while True:
-            await asyncio.sleep(settings.SIGNALING_REAPER_INTERVAL)
+            await asyncio.sleep(self._sweep_interval)
             try:
                 await self.reap_once()
+            except StoreUnavailable as exc:
+                self._store_unreachable(exc)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("runtime %s: reaper failed", self.process_id)
 
     async def reap_once(self) -> None:
-        """Expire dead leases, then end overdue calls and calls whose party vanished."""
+        """Expire dead leases and end their calls, then end overdue calls and calls whose party vanished."""
+        ended = []
         expired = await self.store.expire()
         if expired:
             logger.info("runtime %s: %d session lease(s) expired", self.process_id, len(expired))
+            online = {user["username"] for user in await self.store.online_users()}
+            ended += await database_sync_to_async(_end_calls_of_lost_sessions)(expired, online)
             await self.presence_changed()
-        ended = await database_sync_to_async(lifecycle.expire_overdue_calls)()
-        live = await self.store.live_channels()
-        online = [user["username"] for user in await self.store.online_users()]
-        ended += await database_sync_to_async(lifecycle.end_calls_of_vanished)(live, online)
+        ended += await database_sync_to_async(lifecycle.expire_overdue_calls)()
+        if asyncio.get_running_loop().time() >= self._vanished_hold_until and await self._store_unchanged():
+            # This process's own sessions are alive whatever the store says.
+            live = await self.store.live_channels() | set(self.sessions)
+            online = [user["username"] for user in await self.store.online_users()]
+            # A store that restarted between the two checks holds a partial picture.
+            if await self._store_unchanged():
+                ended += await database_sync_to_async(lifecycle.end_calls_of_vanished)(live, online)
         for record in ended:
             await self.notify_call_ended(record)
 
@@ -181,26 +378,61 @@ class Runtime:
         """
         self.cancel_ring_timeout(record.call_id)
         if record.status == CallStatus.REJECTED:
-            await self.send_to_session(
-                record.caller_channel,
-                {
-                    "type": "call.rejected",
-                    "call_id": record.call_id,
-                    "rejecter_username": record.callee_username,
-                    "reason": record.end_reason,
-                },
-            )
+            caller_event = {
+                "type": "call.rejected",
+                "call_id": record.call_id,
+                "rejecter_username": record.callee_username,
+                "reason": record.end_reason,
+            }
         else:
-            await self.send_to_session(
-                record.caller_channel, {"type": "call.ended", "call_id": record.call_id, "reason": record.end_reason}
-            )
+            caller_event = {"type": "call.ended", "call_id": record.call_id, "reason": record.end_reason}
+        await self._deliver(lambda: self.send_to_session(record.caller_channel, caller_event), record.call_id)
         callee_event = {"type": "call.ended", "call_id": record.call_id, "reason": record.end_reason}
         if record.callee_channel:
-            await self.send_to_session(record.callee_channel, callee_event)
+            await self._deliver(lambda: self.send_to_session(record.callee_channel, callee_event), record.call_id)
         else:
-            await self.layer.group_send(user_group(record.callee_username), callee_event)
+            group = user_group(record.callee_username)
+            await self._deliver(lambda: self.layer.group_send(group, callee_event), record.call_id)
+
+    async def _deliver(self, send: Callable[[], Awaitable[None]], call_id: str) -> None:
+        """Send a call's end; while the layer is down (Redis restarting) keep trying in the background.
+
+        The call has already ended in the database: a party that is never told
+        would sit in a dead call.
+        """
+        try:
+            await send()
+        except Exception as exc:  # noqa: BLE001 - the layer's errors depend on its backend
+            logger.warning("call %s: could not deliver its end (%s); retrying", call_id, exc)
+            task = asyncio.get_running_loop().create_task(self._retry_delivery(send, call_id))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _retry_delivery(self, send: Callable[[], Awaitable[None]], call_id: str) -> None:
+        for delay in DELIVERY_RETRY_DELAYS:
+            await asyncio.sleep(delay)
+            try:
+                await send()
+                return
+            except Exception:  # noqa: BLE001, S112 - tried again after the next delay
+                continue
+        logger.error("call %s: gave up delivering its end after %d attempts", call_id, len(DELIVERY_RETRY_DELAYS) + 1)
 
     async def send_to_session(self, channel: str, event: dict[str, Any]) -> None:
         """Send a layer event to one session's channel (through the layer, to keep order)."""
         if channel:
             await self.layer.send(channel, event)
+
+
+def _end_calls_of_lost_sessions(sessions: list[SessionInfo], online: set[str]) -> list[CallRecord]:
+    """End the calls of sessions whose lease expired, and calls ringing for users now offline."""
+    ended = []
+    for session in sessions:
+        call_ids = lifecycle.calls_of_session(session.channel)
+        if session.username not in online:
+            call_ids += lifecycle.ringing_calls_to(session.username)
+        for call_id in dict.fromkeys(call_ids):
+            record = lifecycle.end_call(call_id, EndReason.DISCONNECTED, session.channel)
+            if record is not None:
+                ended.append(record)
+    return ended
