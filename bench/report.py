@@ -1,0 +1,287 @@
+"""Figures and targets: the table `make bench` prints and bench/results/latest.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONFIG_LABELS = {
+    "memory": "in-memory layer + SQLite",
+    "redis": "Redis layer + PostgreSQL",
+    "peerjs": "PeerJS server (node)",
+}
+
+
+def _get(data: Any, *path: str) -> Any:
+    """Follow keys into nested results; None where a step is missing or failed."""
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+        if isinstance(data, dict) and "error" in data:
+            return None
+    return data
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def _fixed_rate_efficiency(rtt: dict[str, Any] | None) -> int | None:
+    """Relayed messages per server CPU-second at the round-trip test's fixed rate (2 relays per round trip)."""
+    if not rtt or not rtt.get("server_core_share"):
+        return None
+    return round(2 * rtt["round_trips_per_s"] / rtt["server_core_share"])
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures per configuration, with the targets they are judged against."""
+    configs = {name: results["configurations"].get(name) for name in ("memory", "redis")}
+    configs["peerjs"] = results.get("peerjs")
+    sizes = results["plan"]["storm_sizes"]
+    rows: list[dict[str, Any]] = []
+
+    def row(metric: str, target: str, values: dict[str, Any], met: dict[str, bool | None] | None = None) -> None:
+        rows.append({"metric": metric, "target": target, "values": values, "met": met or {}})
+
+    relay = {name: _get(data, "relay", "msgs_per_cpu_s") for name, data in configs.items()}
+    memory_relay, redis_relay = relay["memory"], relay["redis"]
+    row(
+        "Relay: messages per server CPU-second",
+        ">= 4,000 in-memory; Redis >= half of in-memory",
+        relay,
+        {
+            "memory": memory_relay >= 4000 if memory_relay else None,
+            "redis": redis_relay >= memory_relay / 2 if redis_relay and memory_relay else None,
+        },
+    )
+    row(
+        "Relay: messages per second (wall clock)",
+        "",
+        {name: _get(data, "relay", "msgs_per_s") for name, data in configs.items()},
+    )
+    row(
+        "Relay: server CPU, share of one core",
+        "",
+        {name: _get(data, "relay", "server_core_share") for name, data in configs.items()},
+    )
+    rtt = {name: _get(data, "rtt") for name, data in configs.items()}
+    row(
+        "Round trip p50 / p99 (ms), fixed rate",
+        "",
+        {name: f"{r['p50_ms']} / {r['p99_ms']}" if r else None for name, r in rtt.items()},
+    )
+    row(
+        "Relay at that fixed rate: messages per server CPU-second",
+        "",
+        {name: _fixed_rate_efficiency(r) for name, r in rtt.items()},
+    )
+    setup = {name: _get(configs[name], "call_setup") for name in ("memory", "redis")}
+    row(
+        f"Call set-up p50 / p99 (ms), {results['plan']['setup_concurrency']} concurrent",
+        "p50 < 10, p99 < 50",
+        {name: f"{s['p50_ms']} / {s['p99_ms']}" if s else None for name, s in setup.items()},
+        {name: (s["p50_ms"] < 10 and s["p99_ms"] < 50) if s else None for name, s in setup.items()},
+    )
+    row(
+        "Call set-up: server CPU per set-up and hang-up (ms)",
+        "",
+        {name: s["server_cpu_ms_per_set_up"] if s else None for name, s in setup.items()},
+    )
+    small, large = sizes
+    storms = {
+        name: (_get(configs[name], f"storm_{small}", "seconds"), _get(configs[name], f"storm_{large}", "seconds"))
+        for name in ("memory", "redis")
+    }
+    row(f"Sign-in storm, {small:,} clients (s until all see the full list)", "", {n: s[0] for n, s in storms.items()})
+    row(
+        f"Sign-in storm, {large:,} clients (s)",
+        "<= 10 s for 2,000",
+        {n: s[1] for n, s in storms.items()},
+        {n: s[1] <= 10 if s[1] is not None and large == 2000 else None for n, s in storms.items()},
+    )
+    growth = {n: _ratio(s[1], s[0]) for n, s in storms.items()}
+    row(
+        f"Sign-in storm growth: time({large:,}) / time({small:,})",
+        f"<= {1.25 * large / small:g}x (4x the clients, at most 5x the time)",
+        growth,
+        {n: g <= 1.25 * large / small if g else None for n, g in growth.items()},
+    )
+    idle = {name: _get(configs[name], "idle_memory") for name in ("memory", "redis")}
+    idle_clients = results["plan"]["idle_clients"]
+    row(
+        f"Memory per idle registered connection (KB, {idle_clients:,} connections)",
+        "<= 100 KB",
+        {n: i["kb_per_connection"] if i else None for n, i in idle.items()},
+        {n: i["kb_per_connection"] <= 100 if i else None for n, i in idle.items()},
+    )
+    row(
+        f"Idle CPU with {idle_clients:,} connections (share of one core)",
+        "",
+        {n: i["idle_core_share"] if i else None for n, i in idle.items()},
+    )
+    row(
+        "permessage-deflate negotiated (offered by the client)",
+        "",
+        {name: _get(data, "extensions") for name, data in configs.items()},
+    )
+    return {
+        "rows": rows,
+        "relay_vs_peerjs": {name: _ratio(relay[name], relay["peerjs"]) for name in ("memory", "redis")},
+        "redis_vs_memory_relay": _ratio(redis_relay, memory_relay),
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _mark(met: bool | None) -> str:
+    return {True: " (met)", False: " (MISSED)", None: ""}[met]
+
+
+def _rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    summary_ = results["summary"]
+    names = [n for n in ("memory", "redis") if n in results["configurations"]]
+    if "peerjs" in results:
+        names.append("peerjs")
+    header = ["Figure", *[CONFIG_LABELS[n] for n in names], "Target"]
+    body = []
+    for row in summary_["rows"]:
+        cells = [_cell(row["values"].get(n)) + _mark(row["met"].get(n)) for n in names]
+        body.append([row["metric"], *cells, row["target"]])
+    return header, body
+
+
+def table(results: dict[str, Any]) -> str:
+    """A plain-text table for the terminal."""
+    header, body = _rows(results)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    ratios = results["summary"]["relay_vs_peerjs"]
+    for name, ratio in ratios.items():
+        if ratio:
+            lines.append(f"Relay per CPU-second, {CONFIG_LABELS[name]} vs PeerJS: {ratio}x (PeerJS {1 / ratio:.1f}x)")
+    return "\n".join(lines)
+
+
+def _profile_section(title: str, profile: dict[str, Any] | None) -> list[str]:
+    if not profile or "error" in profile:
+        return []
+    lines = [f"### {title}", "", f"{profile['samples']:,} samples while on CPU.", ""]
+    lines += ["| Own time | Frame |", "| ---: | --- |"]
+    lines += [f"| {entry['share']:.1%} | `{entry['frame']}` |" for entry in profile["own"][:12]]
+    lines += [
+        "",
+        "By package (own time): " + ", ".join(f"{e['frame']} {e['share']:.0%}" for e in profile["by_package"]),
+    ]
+    interesting = [
+        e
+        for e in profile["inclusive"]
+        if e["frame"].startswith(("Signaling", "InMemory", "RedisPubSub", "touch_user", "start_call", "accept_call"))
+        or "await_many_dispatch" in e["frame"]
+        or "doWrite" in e["frame"]
+        or "_clean_expired" in e["frame"]
+        or "close_old_connections" in e["frame"]
+    ]
+    if interesting:
+        lines += ["", "Inclusive time of selected frames:", ""]
+        lines += [f"- {e['share']:.1%} `{e['frame']}`" for e in interesting[:14]]
+    return [*lines, ""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """bench/results/latest.md: the figures, how they were measured, and where the time goes."""
+    header, body = _rows(results)
+    plan, machine = results["plan"], results["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Generated by `make bench` on {results['generated_at']} in {results['duration_s']} s"
+        + (" (quick smoke run: not representative)" if results["quick"] else "")
+        + f". Machine: {machine['cpus']} cores shared by the server and the load generators"
+        f" (load average at start {machine['load_average_at_start']}), Python {machine['python']},"
+        f" node {machine['node']}. CPU figures are the server process's own CPU time from /proc.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + " |",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    ratios = results["summary"]["relay_vs_peerjs"]
+    lines.append("")
+    for name, ratio in ratios.items():
+        if ratio:
+            lines.append(
+                f"- Relay per server CPU-second, {CONFIG_LABELS[name]}: {ratio}x PeerJS's"
+                f" (PeerJS relays {1 / ratio:.1f}x as many messages per CPU-second)."
+            )
+    if results["summary"]["redis_vs_memory_relay"]:
+        lines.append(f"- Redis layer relay / in-memory relay: {results['summary']['redis_vs_memory_relay']}x.")
+    lines += [
+        "",
+        "## How it was measured",
+        "",
+        f"- Relay: {plan['relay_pairs']} pairs of clients in answered calls ping-pong `ice_candidate` messages"
+        f" ({plan['relay_window']} in flight per pair) for {plan['relay_seconds']:g} s after a warm-up;"
+        " messages counted at the receiving clients, server CPU = utime + stime of the daphne process"
+        " over the same window. PeerJS: the same load as `CANDIDATE` messages.",
+        f"- Round trip: {plan['rtt_pairs']} pairs, each sending one candidate {plan['rtt_rate']:g} times a second"
+        " and timing the answer relayed back (two relays).",
+        f"- Call set-up: {plan['setup_concurrency']} callers call {plan['setup_concurrency']} callees at the same"
+        f" instant, {plan['setup_rounds']} rounds; call_request -> incoming_call -> call_accepted -> call_accepted"
+        " at the caller, database writes included (clients: the signaling_client library).",
+        f"- Sign-in storm: clients connect and register in batches of {plan['storm_batch']} on one daphne"
+        " process (full online lists, as v1 clients); time until every client has seen the complete list.",
+        f"- Idle memory: RSS of the daphne process before and after {plan['idle_clients']:,} registered"
+        " connections, divided by their number; presence broadcasts deferred during this test.",
+        "",
+    ]
+    lines += _generator_section(results)
+    lines += ["## Where the server's time goes (py-spy)", ""]
+    for name in ("memory", "redis"):
+        config = results["configurations"].get(name, {})
+        lines += _profile_section(f"Relay, {CONFIG_LABELS[name]}", config.get("profile_relay"))
+        lines += _profile_section(f"Call set-up, {CONFIG_LABELS[name]}", config.get("profile_call_setup"))
+        lines += _profile_section(f"Sign-in storm, {CONFIG_LABELS[name]}", config.get("profile_storm"))
+    costs = results.get("micro_costs_us", {})
+    if costs:
+        lines += ["## Per-message micro-costs (microseconds, no server)", ""]
+        lines += [f"- `{name}`: {value}" for name, value in costs.items()]
+        lines.append("")
+    failures = _failures(results)
+    if failures:
+        lines += ["## Failed measurements", ""] + [f"- {name}: {error}" for name, error in failures] + [""]
+    return "\n".join(lines)
+
+
+def _generator_section(results: dict[str, Any]) -> list[str]:
+    """How the CPU was split between the server and the load generators."""
+    lines = ["## CPU split (shares of one core over the measured window)", ""]
+    sources = [(CONFIG_LABELS[n], c) for n, c in results["configurations"].items()]
+    if "peerjs" in results:
+        sources.append((CONFIG_LABELS["peerjs"], results["peerjs"]))
+    for label, config in sources:
+        for step in ("relay", "rtt"):
+            figures = _get(config, step)
+            if figures:
+                lines.append(
+                    f"- {label}, {step}: server {figures['server_core_share']},"
+                    f" load generator processes {figures['generator_core_share']}"
+                )
+    return [*lines, ""]
+
+
+def _failures(results: dict[str, Any]) -> list[tuple[str, str]]:
+    found = []
+    sources = dict(results["configurations"])
+    if "peerjs" in results:
+        sources["peerjs"] = results["peerjs"]
+    for config, steps in sources.items():
+        for step, value in steps.items():
+            if isinstance(value, dict) and "error" in value:
+                found.append((f"{config}/{step}", value["error"]))
+    return found

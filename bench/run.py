@@ -1,0 +1,285 @@
+"""The whole benchmark run: every configuration, the PeerJS comparison, the report.
+
+Configurations:
+- memory: one daphne process, in-memory channel layer, SQLite (a fresh clone's setup);
+- redis: one daphne process, Redis channel layer and presence, PostgreSQL (the
+  production shape of render.yaml), with a throwaway redis-server and cluster.
+Each measurement that needs a clean server gets a new daphne process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import profiling, report, scenarios, services
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Relay load: every client may send far more than SIGNALING_RATE's default
+# 50 a second, which would otherwise cap the relay at 50 messages per socket.
+UNLIMITED_RATE = "1000000/1000000"
+# Presence broadcasts deferred past the idle-memory measurement (see scenarios.idle_memory).
+DEFERRED_PRESENCE_MS = "600000"
+
+
+@dataclass(frozen=True)
+class Plan:
+    relay_pairs: int = 20
+    relay_window: int = 4
+    relay_workers: int = 2
+    relay_seconds: float = 12.0
+    rtt_pairs: int = 25
+    rtt_rate: float = 20.0
+    rtt_seconds: float = 8.0
+    setup_concurrency: int = 50
+    setup_rounds: int = 5
+    storm_sizes: tuple[int, int] = (500, 2000)
+    storm_batch: int = 100
+    idle_clients: int = 5000
+    idle_workers: int = 2
+    profile_seconds: float = 10.0
+
+
+QUICK = Plan(
+    relay_seconds=4.0,
+    rtt_seconds=3.0,
+    setup_rounds=2,
+    storm_sizes=(100, 400),
+    idle_clients=500,
+    profile_seconds=3.0,
+)
+
+
+def _measure(results: dict[str, Any], name: str, server: services.Process | None, step: Any) -> None:
+    """Run one measurement; a failure is recorded (with the server's last log lines), not raised."""
+    began = time.monotonic()
+    print(f"  {name} ...", end="", flush=True)
+    try:
+        results[name] = step()
+        print(f" {time.monotonic() - began:.0f} s", flush=True)
+    except Exception as exc:
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        if server is not None:
+            results[name]["server_log"] = server.log_tail()
+        print(f" FAILED: {exc}", flush=True)
+
+
+def _profile_relay(server: services.Process, kind: str, plan: Plan, out: Path) -> dict[str, Any]:
+    """Profile the server with py-spy under the relay load (a separate, unmeasured run)."""
+    scenarios.relay(
+        server,
+        kind,
+        f"p{out.stem}",
+        plan.relay_pairs,
+        plan.relay_window,
+        plan.relay_workers,
+        plan.profile_seconds,
+        during=lambda seconds: profiling.record(server.pid, seconds, out),
+    )
+    return profiling.summarize(out)
+
+
+def _profile_setup(server: services.Process, plan: Plan, out: Path) -> dict[str, Any]:
+    """Profile the server with py-spy over call set-up rounds (a separate, unmeasured run)."""
+    spy = profiling.record(server.pid, plan.profile_seconds, out)
+    try:
+        deadline = time.monotonic() + plan.profile_seconds
+        round_number = 0
+        while time.monotonic() < deadline:
+            scenarios.call_setup(server, f"ps{round_number}", plan.setup_concurrency, 2)
+            round_number += 1
+    finally:
+        spy.wait(60)
+    return profiling.summarize(out)
+
+
+def _profile_storm(server: services.Process, plan: Plan, out: Path) -> dict[str, Any]:
+    clients = plan.storm_sizes[-1]
+    spy = profiling.record(server.pid, plan.profile_seconds, out)
+    try:
+        scenarios.storm(server, "pstorm", clients, plan.storm_batch, 1, timeout=120)
+    finally:
+        spy.wait(120)
+    return profiling.summarize(out)
+
+
+def run_configuration(
+    name: str,
+    plan: Plan,
+    profile: bool,
+    redis: services.Process | None = None,
+    postgres: services.PostgresServer | None = None,
+) -> dict[str, Any]:
+    """Every measurement of our server in one configuration."""
+    results: dict[str, Any] = {}
+
+    def server(**settings: str) -> Any:
+        """A fresh daphne process, with a fresh database and (with Redis) no presence left from the last one."""
+        if redis is not None:
+            services.flush_redis(redis.port)
+        return services.daphne(
+            redis_url=f"redis://127.0.0.1:{redis.port}/0" if redis else "",
+            database_url=postgres.new_database() if postgres else "",
+            **settings,
+        )
+
+    with server(SIGNALING_RATE=UNLIMITED_RATE) as daphne:
+        url = f"ws://127.0.0.1:{daphne.port}/"
+        _measure(results, "extensions", daphne, lambda: scenarios.negotiated_extensions(url))
+
+        def relay() -> dict[str, Any]:
+            redis_cpu0 = redis.cpu_seconds() if redis else 0.0
+            figures = scenarios.relay(
+                daphne, "signaling", "r", plan.relay_pairs, plan.relay_window, plan.relay_workers, plan.relay_seconds
+            )
+            if redis is not None:
+                # Over the window plus warm-up and drain: an upper bound of redis-server's share.
+                figures["redis_server_cpu_s_upper_bound"] = round(redis.cpu_seconds() - redis_cpu0, 3)
+            return figures
+
+        _measure(results, "relay", daphne, relay)
+        scenarios.wait_idle(daphne)
+        _measure(
+            results,
+            "rtt",
+            daphne,
+            lambda: scenarios.round_trip(daphne, "signaling", "t", plan.rtt_pairs, plan.rtt_rate, plan.rtt_seconds),
+        )
+        scenarios.wait_idle(daphne)
+        _measure(
+            results,
+            "call_setup",
+            daphne,
+            lambda: scenarios.call_setup(daphne, "c", plan.setup_concurrency, plan.setup_rounds),
+        )
+        if profile:
+            scenarios.wait_idle(daphne)
+            raw = services.WORK / f"profile-relay-{name}.raw"
+            _measure(results, "profile_relay", daphne, lambda: _profile_relay(daphne, "signaling", plan, raw))
+            if name == "memory":
+                raw = services.WORK / f"profile-setup-{name}.raw"
+                _measure(results, "profile_call_setup", daphne, lambda: _profile_setup(daphne, plan, raw))
+    for clients in plan.storm_sizes:
+        with server() as daphne:
+            _measure(
+                results,
+                f"storm_{clients}",
+                daphne,
+                lambda n=clients: scenarios.storm(daphne, "s", n, plan.storm_batch, 1, timeout=180)[0],
+            )
+    if profile and name == "memory":
+        with server() as daphne:
+            raw = services.WORK / f"profile-storm-{name}.raw"
+            _measure(results, "profile_storm", daphne, lambda: _profile_storm(daphne, plan, raw))
+    with server(SIGNALING_PRESENCE_WINDOW_MS=DEFERRED_PRESENCE_MS) as daphne:
+        _measure(
+            results,
+            "idle_memory",
+            daphne,
+            lambda: scenarios.idle_memory(daphne, "m", plan.idle_clients, plan.idle_workers),
+        )
+    return results
+
+
+def run_peerjs(plan: Plan) -> dict[str, Any]:
+    results: dict[str, Any] = {"version": services.PEERJS_VERSION}
+    with services.peerjs_server() as server:
+        base = f"ws://127.0.0.1:{server.port}/"
+        _measure(
+            results,
+            "extensions",
+            server,
+            lambda: scenarios.negotiated_extensions(f"{base}peerjs?key=peerjs&id=probe&token=probe"),
+        )
+        _measure(
+            results,
+            "relay",
+            server,
+            lambda: scenarios.relay(
+                server, "peerjs", "r", plan.relay_pairs, plan.relay_window, plan.relay_workers, plan.relay_seconds
+            ),
+        )
+        _measure(
+            results,
+            "rtt",
+            server,
+            lambda: scenarios.round_trip(server, "peerjs", "t", plan.rtt_pairs, plan.rtt_rate, plan.rtt_seconds),
+        )
+    return results
+
+
+def _tool_version(*command: str) -> str:
+    if shutil.which(command[0]) is None:
+        return "missing"
+    result = subprocess.run(command, capture_output=True, text=True)
+    return (result.stdout or result.stderr).strip().splitlines()[0] if result.returncode == 0 else "unknown"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "node": _tool_version("node", "--version"),
+        "redis": _tool_version("redis-server", "--version"),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the signaling server.")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (small loads, not for the README)")
+    parser.add_argument("--skip-redis", action="store_true", help="only the in-memory configuration")
+    parser.add_argument("--skip-peerjs", action="store_true", help="no PeerJS comparison")
+    parser.add_argument("--no-profile", action="store_true", help="no py-spy profiles")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="folder for latest.json and latest.md")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else Plan()
+    services.WORK.mkdir(parents=True, exist_ok=True)
+    fd_limit = services.raise_fd_limit()
+    began = time.monotonic()
+    results: dict[str, Any] = {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": {**machine(), "open_file_limit": fd_limit},
+        "plan": plan.__dict__ | {"storm_sizes": list(plan.storm_sizes)},
+        "configurations": {},
+    }
+    profile = not args.no_profile
+    print("memory: in-memory channel layer, SQLite", flush=True)
+    results["configurations"]["memory"] = run_configuration("memory", plan, profile)
+    if not args.skip_redis:
+        print("redis: Redis channel layer and presence, PostgreSQL", flush=True)
+        with ExitStack() as stack:
+            redis = stack.enter_context(services.redis_server())
+            postgres = stack.enter_context(services.postgres_cluster())
+            results["configurations"]["redis"] = run_configuration("redis", plan, profile, redis, postgres)
+    if not args.skip_peerjs:
+        print(f"peerjs: PeerJS server {services.PEERJS_VERSION} (node)", flush=True)
+        results["peerjs"] = run_peerjs(plan)
+    print("micro-costs ...", flush=True)
+    results["micro_costs_us"] = profiling.micro_costs()
+    results["duration_s"] = round(time.monotonic() - began)
+    results["summary"] = report.summary(results)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    markdown = report.markdown(results)
+    (args.output / "latest.md").write_text(markdown)
+    print()
+    print(report.table(results))
+    print(f"\nWrote {args.output / 'latest.json'} and {args.output / 'latest.md'} ({results['duration_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The processes a benchmark measures: daphne, redis-server and the PeerJS server.
+
+Every process listens on a free loopback port, logs into bench/.work/, and is
+stopped when its block ends. CPU time and memory are read from /proc, so they
+are the server process's own, whatever else the machine is doing.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from calls.tests.services import PostgresServer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / ".work"
+PEERJS_DIR = ROOT / "bench" / ".peerjs"
+# The PeerJS server (npm package `peer`) the relay figures are compared with.
+PEERJS_VERSION = "1.0.2"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, deadline_s: float = 60.0) -> None:
+    """Block until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {deadline_s} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the user + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    """Return the resident set size of a process."""
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE_SIZE
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to the hard limit (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+class Process:
+    """A started server process; `pid` is the server itself (sh execs daphne)."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], port: int) -> None:
+        self.name = name
+        self.port = port
+        self.log_path = WORK / f"{name}-{port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss_bytes(self) -> int:
+        return rss_bytes(self.pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _server_env(**overrides: str) -> dict[str, str]:
+    """The environment of a benchmark server: production mode, nothing inherited that changes behaviour."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SIGNALING_", "DJANGO_SETTINGS")) and k not in ("DATABASE_URL", "REDIS_URL", "DEBUG")
+    }
+    env.update(
+        {
+            "DEBUG": "false",
+            "SECRET_KEY": "benchmark-only-secret-key-not-for-production-0123456789",
+            "ALLOWED_HOSTS": "127.0.0.1,localhost",
+            "PYTHONUNBUFFERED": "1",
+            "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+_template_db: Path | None = None
+
+
+def migrated_sqlite() -> Path:
+    """Return a fresh copy of a migrated SQLite database (migrated once per run)."""
+    global _template_db
+    if _template_db is None:
+        template = WORK / "template.sqlite3"
+        template.unlink(missing_ok=True)
+        env = _server_env(DATABASE_URL=f"sqlite:///{template}")
+        subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, env=env, check=True)
+        _template_db = template
+    copy = WORK / f"server-{free_port()}.sqlite3"
+    shutil.copyfile(_template_db, copy)
+    return copy
+
+
+@contextmanager
+def daphne(redis_url: str = "", database_url: str = "", **settings: str) -> Iterator[Process]:
+    """Run one daphne process through bin/serve; a fresh migrated SQLite database unless given one."""
+    port = free_port()
+    db = None if database_url else migrated_sqlite()
+    env = _server_env(DATABASE_URL=database_url or f"sqlite:///{db}", PORT=str(port), BIND="127.0.0.1", **settings)
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    server = Process("daphne", ["sh", str(ROOT / "bin" / "serve")], env, port)
+    try:
+        yield server
+    finally:
+        server.stop()
+        if db is not None:
+            for path in WORK.glob(f"{db.name}*"):
+                path.unlink(missing_ok=True)
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[PostgresServer]:
+    """Run a throwaway PostgreSQL cluster (the test suite's: fsync off, trusted local user)."""
+    cluster = PostgresServer()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@contextmanager
+def redis_server() -> Iterator[Process]:
+    """Run a throwaway redis-server on a free loopback port, without persistence."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise RuntimeError("redis-server is not installed: run `make system-packages`")
+    port = free_port()
+    args = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    server = Process("redis", args, os.environ.copy(), port)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def flush_redis(port: int) -> None:
+    """Forget every key and subscription of a previous server (presence leases expire only after their TTL)."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+
+
+def install_peerjs() -> Path:
+    """Install the pinned PeerJS server into bench/.peerjs (once) and return its start script."""
+    package = PEERJS_DIR / "node_modules" / "peer"
+    script = package / "dist" / "bin" / "peerjs.js"
+    installed = package / "package.json"
+    if not (installed.exists() and f'"version": "{PEERJS_VERSION}"' in installed.read_text()):
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("npm is not installed: `apt-get install nodejs npm`")
+        PEERJS_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [npm, "install", "--prefix", str(PEERJS_DIR), "--no-audit", "--no-fund", "--loglevel=error"]
+            + [f"peer@{PEERJS_VERSION}"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return script
+
+
+@contextmanager
+def peerjs_server() -> Iterator[Process]:
+    """Run the PeerJS server (its own CLI, under node) on a free loopback port."""
+    script = install_peerjs()
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node is not installed: `apt-get install nodejs`")
+    port = free_port()
+    args = [node, str(script), "--port", str(port), "--host", "127.0.0.1"]
+    server = Process("peerjs", args, os.environ.copy(), port)
+    try:
+        yield server
+    finally:
+        server.stop()
