@@ -9,4 +9,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("calls.urls")),
     path("", include("calls.api_urls")),
+    path("", include("calls.ops_urls")),
 ]
