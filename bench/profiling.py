@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import timeit
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,12 @@ def micro_costs() -> dict[str, float]:
     message = protocol.parse_message(inbound)
     event = {"type": "call.signal", "call_id": message.call_id, "text": inbound}
     text = protocol.encode(protocol.signal(message.type, "alice", message.data, message.call_id))
+    encoded = text.encode()
+    deflate = zlib.compressobj(wbits=-15)  # permessage-deflate's raw deflate, context kept between frames
+
+    def deflate_frame() -> bytes:
+        return deflate.compress(encoded) + deflate.flush(zlib.Z_SYNC_FLUSH)
+
     steps = {
         "parse_message": lambda: protocol.parse_message(inbound),
         "encode_outbound": lambda: protocol.encode(protocol.signal(message.type, "alice", message.data, "x")),
@@ -100,6 +107,7 @@ def micro_costs() -> dict[str, float]:
         "utf8_length_check": lambda: len(inbound.encode()),
         "deepcopy_layer_event": lambda: copy.deepcopy(event),
         "utf8_encode_outbound": lambda: text.encode("utf8"),
+        "deflate_outbound_frame": deflate_frame,
     }
     costs = {}
     for name, step in steps.items():

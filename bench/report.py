@@ -55,6 +55,11 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         },
     )
     row(
+        "Relay: messages per CPU-second of daphne and redis-server together",
+        "",
+        {"redis": _get(configs["redis"], "relay", "msgs_per_cpu_s_with_redis")},
+    )
+    row(
         "Relay: messages per second (wall clock)",
         "",
         {name: _get(data, "relay", "msgs_per_s") for name, data in configs.items()},

@@ -138,17 +138,21 @@ def run_configuration(
         url = f"ws://127.0.0.1:{daphne.port}/"
         _measure(results, "extensions", daphne, lambda: scenarios.negotiated_extensions(url))
 
-        def relay() -> dict[str, Any]:
-            redis_cpu0 = redis.cpu_seconds() if redis else 0.0
-            figures = scenarios.relay(
-                daphne, "signaling", "r", plan.relay_pairs, plan.relay_window, plan.relay_workers, plan.relay_seconds
-            )
-            if redis is not None:
-                # Over the window plus warm-up and drain: an upper bound of redis-server's share.
-                figures["redis_server_cpu_s_upper_bound"] = round(redis.cpu_seconds() - redis_cpu0, 3)
-            return figures
-
-        _measure(results, "relay", daphne, relay)
+        _measure(
+            results,
+            "relay",
+            daphne,
+            lambda: scenarios.relay(
+                daphne,
+                "signaling",
+                "r",
+                plan.relay_pairs,
+                plan.relay_window,
+                plan.relay_workers,
+                plan.relay_seconds,
+                helper=redis,
+            ),
+        )
         scenarios.wait_idle(daphne)
         _measure(
             results,
@@ -167,9 +171,8 @@ def run_configuration(
             scenarios.wait_idle(daphne)
             raw = services.WORK / f"profile-relay-{name}.raw"
             _measure(results, "profile_relay", daphne, lambda: _profile_relay(daphne, "signaling", plan, raw))
-            if name == "memory":
-                raw = services.WORK / f"profile-setup-{name}.raw"
-                _measure(results, "profile_call_setup", daphne, lambda: _profile_setup(daphne, plan, raw))
+            raw = services.WORK / f"profile-setup-{name}.raw"
+            _measure(results, "profile_call_setup", daphne, lambda: _profile_setup(daphne, plan, raw))
     for clients in plan.storm_sizes:
         with server() as daphne:
             _measure(

@@ -8,7 +8,6 @@ however busy the shared machine is.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -62,8 +61,13 @@ def relay(
     workers: int,
     seconds: float,
     during: Callable[[float], subprocess.Popen] | None = None,
+    helper: Process | None = None,
 ) -> dict[str, Any]:
-    """Pairs ping-pong candidates flat out; messages relayed per second of server CPU."""
+    """Pairs ping-pong candidates flat out; messages relayed per second of server CPU.
+
+    `helper` is a process the server relies on (redis-server): its CPU time over
+    the same window is reported too, and a figure with both.
+    """
     specs = [
         {"url": f"ws://127.0.0.1:{server.port}/", "kind": kind, "pairs": n, "window": window, "prefix": f"{prefix}{w}"}
         for w, n in enumerate(split(pairs, workers))
@@ -75,14 +79,22 @@ def relay(
         gen.start({"start_at": start_at, "stop_at": stop_at})
         sleep_until(start_at)
         cpu0 = server.cpu_seconds()
+        helper0 = helper.cpu_seconds() if helper else 0.0
         side = during(seconds) if during else None
         sleep_until(stop_at)
         cpu1 = server.cpu_seconds()
+        helper_cpu = helper.cpu_seconds() - helper0 if helper else 0.0
         results = gen.done(timeout=seconds + 60)
         if side is not None:
             side.wait(60)
     received = sum(r["received"] for r in results)
     server_cpu = cpu1 - cpu0
+    with_helper = {}
+    if helper is not None:
+        with_helper = {
+            f"{helper.name}_cpu_s": round(helper_cpu, 3),
+            f"msgs_per_cpu_s_with_{helper.name}": round(received / (server_cpu + helper_cpu)),
+        }
     return {
         "pairs": pairs,
         "window": window,
@@ -95,6 +107,7 @@ def relay(
         "generator_core_share": _generator_split(results, seconds),
         "unexpected_messages": sum(r["other"] for r in results),
         "errors": [e for r in results for e in r["errors"]][:5],
+        **with_helper,
     }
 
 
@@ -259,7 +272,3 @@ def negotiated_extensions(url: str) -> str:
             return ws.response.headers.get("Sec-WebSocket-Extensions", "") or "none"
 
     return asyncio.run(probe())
-
-
-def summarize_statistics(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -9,6 +9,7 @@ import secrets
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -292,10 +293,17 @@ def test_metrics_show_calls_by_status_after_a_real_call(server):
 def test_counters_move_after_real_traffic(server):
     before = samples(http_get(f"{server.http_url}/metrics")[2].decode())
     asyncio.run(a_call_with_a_candidate_and_a_bad_frame(server.url))
-    after = samples(http_get(f"{server.http_url}/metrics")[2].decode())
 
     def moved(name: str, **labels: str) -> float:
         return (value(after, name, **labels) or 0) - (value(before, name, **labels) or 0)
+
+    # The server handles the two disconnects after the client has closed: wait for them.
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        after = samples(http_get(f"{server.http_url}/metrics")[2].decode())
+        if moved("signaling_connections") == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
     assert moved("signaling_connections_opened_total") == 2
     assert moved("signaling_registrations_total") == 2
