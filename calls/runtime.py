@@ -23,11 +23,13 @@ import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.utils import timezone
 
 from calls import lifecycle
 from calls.lifecycle import CallRecord
@@ -49,6 +51,7 @@ STORE_WATCH_INTERVAL = 1.0
 DELIVERY_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 # Seconds to wait for the channel layer to deliver to this process again after a Redis restart.
 LAYER_PROBE_TIMEOUT = 10.0
+RING_DEADLINE_MARGIN = timedelta(milliseconds=50)
 
 
 def user_group(username: str) -> str:
@@ -115,7 +118,10 @@ class Runtime:
         async with self._start_lock:
             if self._started:
                 return
-            channel = await self.layer.new_channel(prefix=f"process.{self.process_id}.")
+            # The default prefix matters for the core layer: its process-local channels
+            # share one Redis list per prefix, popped by one receiver at a time, so a
+            # channel with a prefix of its own would starve every consumer in turn.
+            channel = await self.layer.new_channel()
             await self.layer.group_add(PRESENCE_GROUP, channel)
             self._process_channel = channel
             try:
@@ -334,8 +340,11 @@ class Runtime:
 
     async def _ring_timeout(self, call_id: str) -> None:
         self._timers.pop(call_id, None)
-        record = await database_sync_to_async(lifecycle.end_call)(call_id, lifecycle.EndReason.TIMEOUT, "")
-        if record is not None:
+        # Only a call still ringing times out: when the callee answered on another
+        # process, this process's timer was not cancelled. The margin covers a timer
+        # that fires a hair early against the deadline written with the call.
+        now = timezone.now() + RING_DEADLINE_MARGIN
+        for record in await database_sync_to_async(lifecycle.expire_overdue_calls)(now):
             await self.notify_call_ended(record)
 
     async def _reap(self) -> None:

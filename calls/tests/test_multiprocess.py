@@ -238,6 +238,9 @@ async def test_a_user_in_a_call_on_another_process_is_busy(pair, peers):
 
 
 async def test_an_unanswered_call_across_processes_times_out_for_both(pair, peers):
+    # Answered on process B, its ring timer still runs on the caller's process A.
+    sam, tess = await peers(pair.a, "sam"), await peers(pair.b, "tess")
+    answered = await answered_call(sam, tess)
     fay = await peers(pair.a, "fay")
     gus = await peers(pair.b, "gus")
     call_id = await ring(fay, [gus], "gus")
@@ -245,6 +248,10 @@ async def test_an_unanswered_call_across_processes_times_out_for_both(pair, peer
         ended = await side.expect("call_ended", timeout=float(RING_TIMEOUT) + TIMEOUT)
         assert (ended["call_id"], ended["reason"], ended["from_username"]) == (call_id, "timeout", peer)
     assert pair.call_row(call_id) == ("missed", "timeout")
+    # The answered call's timer fired first; it left the call alone.
+    await sam.nothing(0.2)
+    await tess.nothing(0.2)
+    assert pair.call_row(answered) == ("answered", None)
 
 
 async def test_the_caller_cancels_and_the_callee_rejects_across_processes(pair, peers):
