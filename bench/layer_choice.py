@@ -28,7 +28,7 @@ from typing import Any
 import websockets
 
 from calls.tests.servers import DaphneServer, server_env
-from calls.tests.services import PostgresServer, RedisServer
+from calls.tests.services import PostgresServer, RedisServer, stop_on_sigterm
 
 # name -> (SIGNALING_CHANNEL_LAYER, socket timeout of the layer's Redis connections or None for redis-py's default).
 # redis-py 8 times reads out after 5 s by default, exactly the core layer's blocking-pop
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     postgres = PostgresServer()
     postgres.start()
     work = Path(tempfile.mkdtemp(prefix="layer-choice-"))

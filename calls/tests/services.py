@@ -239,14 +239,24 @@ class PostgresServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so `finally` blocks stop the services a CLI started."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _with_postgres(command: list[str]) -> int:
     """Run `command` with DATABASE_URL pointing at a fresh PostgreSQL cluster."""
+    stop_on_sigterm()
     server = PostgresServer()
+    child: subprocess.Popen | None = None
     try:
         server.start()
-        env = {**os.environ, "DATABASE_URL": server.url()}
-        return subprocess.run(command, env=env).returncode
+        child = subprocess.Popen(command, env={**os.environ, "DATABASE_URL": server.url()})
+        return child.wait()
     finally:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            child.wait()
         server.close()
 
 
