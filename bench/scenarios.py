@@ -20,6 +20,8 @@ from bench.services import Process
 
 # Seconds between the load generators' start and the measured window.
 WARMUP = 2.0
+# Seconds over which the CPU use of idle connections is measured.
+IDLE_WINDOW = 15.0
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -247,9 +249,10 @@ def idle_memory(server: Process, prefix: str, clients: int, workers: int) -> dic
     try:
         wait_idle(server, threshold=0.05, timeout=120)
         rss1 = server.rss_bytes()
+        # Long enough to include two lease renewals and a few reaper sweeps.
         cpu0 = server.cpu_seconds()
-        time.sleep(5)
-        idle_cpu = (server.cpu_seconds() - cpu0) / 5
+        time.sleep(IDLE_WINDOW)
+        idle_cpu = (server.cpu_seconds() - cpu0) / IDLE_WINDOW
     finally:
         gen.release()
     return {
