@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from calls import lifecycle, protocol
+from calls import lifecycle, metrics, protocol
 from calls.ice import ice_servers_for
 from calls.lifecycle import CallRecord, CallRefused
 from calls.presence import JoinRefused, SessionInfo
@@ -59,6 +60,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.bucket = new_bucket()
         self.strikes = 0
         await self.accept()
+        metrics.connection_opened()
+        self.counted = True
         self.register_deadline = asyncio.get_running_loop().call_later(
             settings.SIGNALING_REGISTER_TIMEOUT, self._register_timeout
         )
@@ -100,7 +103,12 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             )
             return
         try:
-            message = protocol.parse_message(text_data)
+            try:
+                message = protocol.parse_message(text_data)
+            except ProtocolError:
+                metrics.message_received(metrics.INVALID)
+                raise
+            metrics.message_received(metrics.message_type(message))
             if self.session is None and not isinstance(message, protocol.Register):
                 if not isinstance(message, protocol.Ping):
                     raise ProtocolError(protocol.NOT_REGISTERED, "Register first")
@@ -149,11 +157,12 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         session = SessionInfo(self.channel_name, username, message.user_id)
         try:
             came_online = await self.runtime.store.join(
-                session, settings.SIGNALING_MAX_SESSIONS_PER_USER, settings.SIGNALING_PRESENCE_TTL
+                session, settings.SIGNALING_MAX_SESSIONS_PER_USER, self.runtime.lease_seconds
             )
         except JoinRefused as exc:
             raise ProtocolError(exc.code, exc.message) from None
         self.session = session
+        metrics.session_registered()
         self.register_deadline.cancel()
         self.runtime.sessions[self.channel_name] = self
         await self.channel_layer.group_add(user_group(username), self.channel_name)
@@ -271,7 +280,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if call is None:
             raise ProtocolError(protocol.NOT_IN_CALL, f"You are not in a call with {message.target_username}")
         text = protocol.encode(protocol.signal(message.type, self.session.username, message.data, call.call_id))
-        event = {"type": "call.signal", "call_id": call.call_id, "text": text}
+        event = {"type": "call.signal", "call_id": call.call_id, "text": text, "sent_at": time.time()}
         if call.peer_channel:
             await self.channel_layer.send(call.peer_channel, event)
         else:
@@ -303,6 +312,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         call = self.calls.get(event["call_id"])
         if call is None:
             return
+        self.runtime.cancel_ring_timeout(call.call_id)
         call.answered = True
         call.peer_channel = event["accepter_channel"]
         await self.send_json(
@@ -335,6 +345,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
 
     async def call_signal(self, event: dict[str, Any]) -> None:
         if event["call_id"] in self.calls:
+            metrics.observe_relay(time.time() - event["sent_at"])
             await self.send(text_data=event["text"])
 
     # --- Output and teardown --------------------------------------------
@@ -346,13 +357,17 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=text)
 
     async def send_error(self, code: str, message: str) -> None:
+        metrics.error_sent(code)
         await self.send_json(protocol.error(code, message))
 
     async def disconnect(self, code: int) -> None:
         if hasattr(self, "register_deadline"):
             self.register_deadline.cancel()
+        if getattr(self, "counted", False):
+            metrics.connection_closed()
         if getattr(self, "session", None) is None:
             return
+        metrics.session_closed()
         username = self.session.username
         self.runtime.hub.unlisten(self.channel_name)
         self.runtime.sessions.pop(self.channel_name, None)

@@ -11,10 +11,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from calls import metrics
 from calls.models import Call, CallEvent, SignalingUser
 from calls.states import END_STATUS, LIVE_STATUSES, CallStatus, EndReason, check_transition
 
@@ -75,6 +77,7 @@ def _transition(call: Call, new: CallStatus, reason: EndReason | None, session: 
         call.ended_at = now
     call.save(update_fields=["status", "end_reason", "answered_at", "ended_at", "callee_channel"])
     _record_event(call, old, reason, session)
+    transaction.on_commit(lambda: metrics.call_transition(new, reason))
     logger.info("call %s %s -> %s reason=%s session=%s", call.id, old, new, reason, session)
 
 
@@ -108,9 +111,10 @@ def start_call(caller_username: str, caller_channel: str, callee_username: str, 
             .order_by("pk")
         }
         caller, callee = users[caller_username], users[callee_username]
-        if Call.objects.live().involving(caller).exists():
+        multi = settings.SIGNALING_MULTI_CALL_USERS
+        if caller_username not in multi and Call.objects.live().involving(caller).exists():
             raise CallRefused("already_in_call", "You are already in a call; end it first")
-        busy = Call.objects.live().involving(callee).exists()
+        busy = callee_username not in multi and Call.objects.live().involving(callee).exists()
         call = Call.objects.create(
             caller=caller,
             callee=callee,
@@ -121,6 +125,8 @@ def start_call(caller_username: str, caller_channel: str, callee_username: str, 
             caller_channel=caller_channel,
         )
         _record_event(call, "", call.end_reason, caller_channel)
+        status, reason = call.status, call.end_reason
+        transaction.on_commit(lambda: metrics.call_transition(status, reason))
     logger.info("call %s %s -> %s status=%s", call.id, caller_username, callee_username, call.status)
     return CallRecord.of(call)
 
@@ -149,7 +155,10 @@ def end_call(call_id: str, reason: EndReason, session: str, by_username: str | N
         if call.status == CallStatus.RINGING and reason == EndReason.HANGUP:
             by_caller = by_username == call.caller.username
             reason = EndReason.CANCELLED if by_caller else EndReason.REJECTED
-        _transition(call, END_STATUS[(CallStatus(call.status), reason)], reason, session)
+        new_status = END_STATUS.get((CallStatus(call.status), reason))
+        if new_status is None:  # e.g. a ring timeout firing after the answer
+            return None
+        _transition(call, new_status, reason, session)
         return CallRecord.of(call)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from calls import protocol
+from calls import metrics, protocol
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ class PresenceHub:
     async def _broadcast(self) -> None:
         self._dirty = False
         users = await self.store.online_users()
+        metrics.online_users(len(users))
         current = {user["username"]: user["user_id"] for user in users}
         full_text = protocol.encode(protocol.online_users(users))
         deltas = [

@@ -39,11 +39,11 @@ if not SECRET_KEY:
     SECRET_KEY = "insecure-development-key-only-for-debug-mode"
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
-if not ALLOWED_HOSTS and not DEBUG:
-    raise ImproperlyConfigured("ALLOWED_HOSTS must be set when DEBUG is off, e.g. example.com")
 _render_host = os.environ.get("RENDER_EXTERNAL_HOSTNAME")
 if _render_host:
     ALLOWED_HOSTS.append(_render_host)
+if not ALLOWED_HOSTS and not DEBUG:
+    raise ImproperlyConfigured("ALLOWED_HOSTS must be set when DEBUG is off, e.g. example.com")
 
 INSTALLED_APPS = [
     "daphne",
@@ -121,7 +121,13 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": _layer_backend,
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # core's blocking reads last 5 s, as long as redis-py's default socket
+            # timeout: a longer timeout keeps idle core consumers from being cut off.
+            "CONFIG": {
+                "hosts": [
+                    REDIS_URL if SIGNALING_CHANNEL_LAYER == "pubsub" else {"address": REDIS_URL, "socket_timeout": 15}
+                ]
+            },
         }
     }
 else:
@@ -189,6 +195,8 @@ SIGNALING_MAX_MESSAGE_BYTES = env_int("SIGNALING_MAX_MESSAGE_BYTES", 65536, mini
 SIGNALING_RATE = env_str("SIGNALING_RATE", "50/200")
 if not re.fullmatch(r"\d+(\.\d+)?/\d+", SIGNALING_RATE):
     raise ImproperlyConfigured(f"SIGNALING_RATE must look like 50/200 (per second/burst), not {SIGNALING_RATE!r}")
+# Users who may be in several calls at once and are never busy (e.g. the echo bot).
+SIGNALING_MULTI_CALL_USERS = env_list("SIGNALING_MULTI_CALL_USERS", [])
 SIGNALING_MAX_SESSIONS_PER_USER = env_int("SIGNALING_MAX_SESSIONS_PER_USER", 5, minimum=1)
 SIGNALING_REGISTER_TIMEOUT = env_float("SIGNALING_REGISTER_TIMEOUT", 10.0, minimum=0.1)
 # Bytes daphne may hold for a client that stops reading before it is disconnected.

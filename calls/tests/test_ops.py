@@ -289,7 +289,6 @@ def test_metrics_show_calls_by_status_after_a_real_call(server):
     assert value(after, "process_resident_memory_bytes") > 0
 
 
-@pytest.mark.xfail(strict=True, reason="the consumer does not call calls.metrics yet (the lead wires it)")
 def test_counters_move_after_real_traffic(server):
     before = samples(http_get(f"{server.http_url}/metrics")[2].decode())
     asyncio.run(a_call_with_a_candidate_and_a_bad_frame(server.url))
