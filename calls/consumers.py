@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
@@ -23,6 +25,7 @@ from calls.ice import ice_servers_for
 from calls.lifecycle import CallRecord, CallRefused
 from calls.presence import JoinRefused, SessionInfo
 from calls.protocol import ProtocolError
+from calls.resume import handover_event, make_token, read_token
 from calls.runtime import Runtime, user_group
 from calls.security import TokenInvalid, new_bucket, verify_token
 from calls.states import EndReason
@@ -31,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_POLICY = 1008
+# Closes that mean the client left on purpose: its session ends at once, resume or not.
+CLEAN_CLOSE_CODES = (1000, 1001)
+# Seconds to wait for the holder of a dropped session to answer a resume.
+RESUME_REPLY_TIMEOUT = 2.0
+RESUME_ATTEMPTS = 4
 # Refused frames in a row (after rate limiting) before a flooding client is cut off.
 FLOOD_STRIKES = 20
 
@@ -51,11 +59,18 @@ class LiveCall:
 class SignalingConsumer(AsyncWebsocketConsumer):
     """One client socket speaking the v1 protocol and its additions."""
 
+    # While the socket is gone and the session is held for a resume: what arrives for it.
+    held: deque[dict[str, Any]] | None = None
+
     async def connect(self) -> None:
         self.runtime = Runtime.current()
         await self.runtime.start()
         self.session: SessionInfo | None = None
         self.delta_presence = False
+        self.resume_token: str | None = None
+        self.resume_nonce: str | None = None
+        self.pending_resume: asyncio.Task | None = None
+        self.held_dropped = 0
         self.calls: dict[str, LiveCall] = {}
         self.bucket = new_bucket()
         self.strikes = 0
@@ -70,6 +85,9 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         # Channels closes stale database connections before every handler, a
         # thread hop per message; only lifecycle handlers use the database, and
         # they do it through database_sync_to_async, which does that housekeeping.
+        if self.held is not None:
+            await self.hold_event(message)
+            return
         handler = getattr(self, message["type"].replace(".", "_"), None)
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
@@ -154,6 +172,9 @@ class SignalingConsumer(AsyncWebsocketConsumer):
                 raise ProtocolError(protocol.ALREADY_REGISTERED, "This socket is already registered")
             await self.send_registered()
             return
+        if message.resume_token is not None:
+            await self.request_resume(message, username)
+            return
         session = SessionInfo(self.channel_name, username, message.user_id)
         try:
             came_online = await self.runtime.store.join(
@@ -168,21 +189,111 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_add(user_group(username), self.channel_name)
         await database_sync_to_async(lifecycle.touch_user)(username, message.user_id)
         logger.info("session %s registered as %s", self.channel_name, username)
+        if message.resume:
+            self.resume_token, self.resume_nonce = make_token(self.channel_name, username, message.user_id)
         await self.send_registered()
         self.delta_presence = message.presence == "delta"
         self.runtime.hub.listen(self.channel_name, self.send_text, self.delta_presence)
         if came_online:
             await self.runtime.presence_changed()
 
-    async def send_registered(self) -> None:
-        await self.send_json(
-            {
-                "type": protocol.REGISTERED,
-                "username": self.session.username,
-                "user_id": self.session.user_id,
-                "ice_servers": ice_servers_for(self.session.username),
-            }
+    async def send_registered(self, **extra: Any) -> None:
+        reply = {
+            "type": protocol.REGISTERED,
+            "username": self.session.username,
+            "user_id": self.session.user_id,
+            "ice_servers": ice_servers_for(self.session.username),
+        }
+        if self.resume_token is not None:
+            reply["resume_token"] = self.resume_token
+        await self.send_json({**reply, **extra})
+
+    async def request_resume(self, message: protocol.Register, username: str) -> None:
+        """Ask the holder of a dropped session to hand it over to this socket."""
+        found = read_token(message.resume_token, username, message.user_id)
+        if found is None or self.pending_resume is not None:
+            raise ProtocolError(protocol.RESUME_FAILED, "That resume token is not valid for you")
+        old_channel, nonce = found
+        self.pending_resume = asyncio.get_running_loop().create_task(self._ask_holder(old_channel, nonce))
+
+    async def _ask_holder(self, old_channel: str, nonce: str) -> None:
+        # Asked more than once: a request that lands while the dropped consumer is
+        # still winding down can be taken by its last, cancelled receive and lost.
+        request = {"type": "session.resume", "nonce": nonce, "reply_to": self.channel_name}
+        for _ in range(RESUME_ATTEMPTS):
+            await self.channel_layer.send(old_channel, request)
+            await asyncio.sleep(RESUME_REPLY_TIMEOUT / RESUME_ATTEMPTS)
+        self.pending_resume = None
+        await self.send_error(protocol.RESUME_FAILED, "The session cannot be resumed; register afresh")
+
+    async def session_resume(self, event: dict[str, Any]) -> None:
+        """The client is back on a new socket before this one noticed the drop: hand over now."""
+        if self.session is None or event.get("nonce") != self.resume_nonce:
+            await self.channel_layer.send(event["reply_to"], {"type": "session.refused"})
+            return
+        self.runtime.hub.unlisten(self.channel_name)
+        await self.channel_layer.send(event["reply_to"], handover_event(self, [], 0))
+        self.runtime.sessions.pop(self.channel_name, None)
+        logger.info("session %s handed over to %s", self.channel_name, event["reply_to"])
+        self.session = None
+        await self.close()
+
+    async def session_refused(self, event: dict[str, Any]) -> None:
+        if self.pending_resume is None:
+            return
+        self.pending_resume.cancel()
+        self.pending_resume = None
+        await self.send_error(protocol.RESUME_FAILED, "The session cannot be resumed; register afresh")
+
+    async def session_handover(self, event: dict[str, Any]) -> None:
+        """Take over a held session: its presence, its calls and what was queued for it."""
+        if self.pending_resume is None or self.session is not None:
+            return
+        self.pending_resume.cancel()
+        self.pending_resume = None
+        old_channel = event["old_channel"]
+        session = SessionInfo(self.channel_name, event["username"], event["user_id"])
+        # Join before the old lease goes, so the user never blinks offline.
+        await self.runtime.store.join(session, settings.SIGNALING_MAX_SESSIONS_PER_USER + 1, self.runtime.lease_seconds)
+        self.session = session
+        self.register_deadline.cancel()
+        self.runtime.sessions[self.channel_name] = self
+        await self.channel_layer.group_add(user_group(session.username), self.channel_name)
+        await database_sync_to_async(lifecycle.move_session)(old_channel, self.channel_name)
+        await self.runtime.store.leave(old_channel)
+        await self.channel_layer.group_discard(user_group(session.username), old_channel)
+        self.calls = {call["call_id"]: LiveCall(**call) for call in event["calls"]}
+        self.resume_token, self.resume_nonce = make_token(self.channel_name, session.username, session.user_id)
+        logger.info("session %s resumed as %s from %s", self.channel_name, session.username, old_channel)
+        await self.send_registered(
+            resumed=True,
+            calls=[
+                {
+                    "call_id": call.call_id,
+                    "peer_username": call.peer_username,
+                    "status": "answered" if call.answered else "ringing",
+                }
+                for call in self.calls.values()
+            ],
         )
+        self.delta_presence = event["delta"]
+        self.runtime.hub.listen(self.channel_name, self.send_text, self.delta_presence)
+        for call in self.calls.values():
+            await self.tell_peer(
+                call,
+                {
+                    "type": "call.peer_moved",
+                    "call_id": call.call_id,
+                    "username": session.username,
+                    "channel": self.channel_name,
+                },
+            )
+        for queued in event["queued"]:
+            await self.dispatch(queued)
+        if event["dropped"]:
+            await self.send_error(
+                protocol.RESUME_OVERFLOW, f"{event['dropped']} messages sent while you were away were lost"
+            )
 
     async def request_call(self, message: protocol.CallRequest) -> None:
         me, target = self.session.username, message.target_username
@@ -280,7 +391,12 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if call is None:
             raise ProtocolError(protocol.NOT_IN_CALL, f"You are not in a call with {message.target_username}")
         text = protocol.encode(protocol.signal(message.type, self.session.username, message.data, call.call_id))
-        event = {"type": "call.signal", "call_id": call.call_id, "text": text, "sent_at": time.time()}
+        await self.tell_peer(
+            call, {"type": "call.signal", "call_id": call.call_id, "text": text, "sent_at": time.time()}
+        )
+
+    async def tell_peer(self, call: LiveCall, event: dict[str, Any]) -> None:
+        """Send a layer event to the other party of a call: its session, or all its sessions."""
         if call.peer_channel:
             await self.channel_layer.send(call.peer_channel, event)
         else:
@@ -343,6 +459,22 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if call is not None:
             await self.send_json(protocol.call_ended(call.peer_username, call.call_id, event["reason"]))
 
+    async def call_peer_reconnecting(self, event: dict[str, Any]) -> None:
+        if event["call_id"] in self.calls:
+            await self.send_json(
+                {"type": protocol.PEER_RECONNECTING, "username": event["username"], "call_id": event["call_id"]}
+            )
+
+    async def call_peer_moved(self, event: dict[str, Any]) -> None:
+        call = self.calls.get(event["call_id"])
+        if call is None:
+            return
+        if call.peer_channel:
+            call.peer_channel = event["channel"]
+        await self.send_json(
+            {"type": protocol.PEER_RECONNECTED, "username": event["username"], "call_id": call.call_id}
+        )
+
     async def call_signal(self, event: dict[str, Any]) -> None:
         if event["call_id"] in self.calls:
             metrics.observe_relay(time.time() - event["sent_at"])
@@ -367,9 +499,66 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             metrics.connection_closed()
         if getattr(self, "session", None) is None:
             return
+        self.runtime.hub.unlisten(self.channel_name)
+        await self.end_session(code)
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        code = message.get("code", 1006)
+        if getattr(self, "session", None) is not None and self.resume_token is not None:
+            if code not in CLEAN_CLOSE_CODES:
+                await self.hold(code)
+                return  # this consumer lives on, holding the session, until resumed or expired
+        await super().websocket_disconnect(message)
+
+    async def hold(self, code: int) -> None:
+        """The socket dropped: keep the session for a resume instead of ending it."""
+        self.register_deadline.cancel()
+        metrics.connection_closed()
+        self.counted = False
+        self.runtime.hub.unlisten(self.channel_name)
+        self.held = deque()
+        for call in self.calls.values():
+            await self.tell_peer(
+                call, {"type": "call.peer_reconnecting", "call_id": call.call_id, "username": self.session.username}
+            )
+        loop = asyncio.get_running_loop()
+        expire = {"type": "session.expire", "code": code}
+        self.held_timer = loop.call_later(
+            settings.SIGNALING_RESUME_GRACE,
+            lambda: loop.create_task(self.channel_layer.send(self.channel_name, expire)),
+        )
+        logger.info(
+            "session %s (%s) dropped (code %s); held for resume", self.channel_name, self.session.username, code
+        )
+
+    async def hold_event(self, event: dict[str, Any]) -> None:
+        """Queue what arrives for a held session; hand it over or end it when the time comes."""
+        kind = event["type"]
+        if kind == "session.resume":
+            if event.get("nonce") != self.resume_nonce:
+                await self.channel_layer.send(event["reply_to"], {"type": "session.refused"})
+                return
+            self.held_timer.cancel()
+            await self.channel_layer.send(event["reply_to"], handover_event(self, list(self.held), self.held_dropped))
+            self.runtime.sessions.pop(self.channel_name, None)
+            logger.info("session %s handed over to %s", self.channel_name, event["reply_to"])
+            raise StopConsumer()
+        if kind == "session.expire":
+            logger.info("session %s: resume grace ran out", self.channel_name)
+            self.held = None
+            await self.end_session(event["code"])
+            raise StopConsumer()
+        if kind.startswith("websocket."):
+            return
+        if len(self.held) >= settings.SIGNALING_RESUME_QUEUE_LIMIT:
+            self.held_dropped += 1
+        else:
+            self.held.append(event)
+
+    async def end_session(self, code: int) -> None:
+        """End this session for good: presence, group, and the calls it held."""
         metrics.session_closed()
         username = self.session.username
-        self.runtime.hub.unlisten(self.channel_name)
         self.runtime.sessions.pop(self.channel_name, None)
         await self.channel_layer.group_discard(user_group(username), self.channel_name)
         _, went_offline = await self.runtime.store.leave(self.channel_name)

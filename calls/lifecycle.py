@@ -197,6 +197,13 @@ def calls_of_session(session: str) -> list[str]:
     ]
 
 
+def move_session(old: str, new: str) -> None:
+    """Point the live calls of a resumed session at its new channel."""
+    with transaction.atomic():
+        Call.objects.live().filter(caller_channel=old).update(caller_channel=new)
+        Call.objects.live().filter(callee_channel=old).update(callee_channel=new)
+
+
 def ringing_calls_to(username: str) -> list[str]:
     """Return the ids of calls ringing for `username`."""
     return [

@@ -57,6 +57,7 @@ MESSAGE_TOO_LARGE = "message_too_large"
 RATE_LIMITED = "rate_limited"
 TOO_MANY_SESSIONS = "too_many_sessions"
 RESUME_FAILED = "resume_failed"
+RESUME_OVERFLOW = "resume_overflow"
 INTERNAL_ERROR = "internal_error"
 
 USERNAME_MAX = 64
