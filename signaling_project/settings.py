@@ -201,6 +201,9 @@ SIGNALING_MAX_SESSIONS_PER_USER = env_int("SIGNALING_MAX_SESSIONS_PER_USER", 5, 
 SIGNALING_REGISTER_TIMEOUT = env_float("SIGNALING_REGISTER_TIMEOUT", 10.0, minimum=0.1)
 # Bytes daphne may hold for a client that stops reading before it is disconnected.
 SIGNALING_SEND_BUFFER_BYTES = env_int("SIGNALING_SEND_BUFFER_BYTES", 1048576, minimum=65536)
+# Read by bin/serve for daphne's keepalive pings; here so they are known and checked.
+SIGNALING_PING_INTERVAL = env_int("SIGNALING_PING_INTERVAL", 20, minimum=1)
+SIGNALING_PING_TIMEOUT = env_int("SIGNALING_PING_TIMEOUT", 20, minimum=1)
 SIGNALING_RESUME_GRACE = env_float("SIGNALING_RESUME_GRACE", 30.0, minimum=0.1)
 SIGNALING_RESUME_QUEUE_LIMIT = env_int("SIGNALING_RESUME_QUEUE_LIMIT", 200, minimum=1)
 SIGNALING_ICE_SERVERS = env_json_list("SIGNALING_ICE_SERVERS")
