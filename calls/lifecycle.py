@@ -93,7 +93,13 @@ def _locked_live_call(call_id: str) -> Call | None:
 def touch_user(username: str, user_id: str) -> None:
     """Record that `username` registered now with `user_id`."""
     now = timezone.now()
-    SignalingUser.objects.update_or_create(username=username, defaults={"user_id": user_id, "last_seen": now})
+    # One INSERT ... ON CONFLICT statement instead of a locked read and a write.
+    SignalingUser.objects.bulk_create(
+        [SignalingUser(username=username, user_id=user_id, first_seen=now, last_seen=now)],
+        update_conflicts=True,
+        unique_fields=["username"],
+        update_fields=["user_id", "last_seen"],
+    )
 
 
 def start_call(caller_username: str, caller_channel: str, callee_username: str, ring_timeout: float) -> CallRecord:

@@ -96,7 +96,7 @@ except ValueError as exc:
 if _database["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE makes every atomic block take the write lock up front, so two
     # transitions of one call serialise instead of failing with "locked".
-    _database["CONN_MAX_AGE"] = 0
+    _database["CONN_MAX_AGE"] = 600
     _database["OPTIONS"] = {
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
