@@ -11,14 +11,13 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from calls.tests.servers import free_port, wait_for_port
 from calls.tests.services import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,27 +27,6 @@ PEERJS_DIR = ROOT / "bench" / ".peerjs"
 PEERJS_VERSION = "1.0.2"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, deadline_s: float = 60.0) -> None:
-    """Block until something accepts connections on 127.0.0.1:port."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {deadline_s} s")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -81,7 +59,7 @@ class Process:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         try:
-            wait_for_port(port, self.proc)
+            wait_for_port(port, deadline_s=60.0, proc=self.proc)
         except BaseException:
             self.stop()
             raise
