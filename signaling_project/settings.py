@@ -126,14 +126,17 @@ if REDIS_URL:
             "CONFIG": {
                 "hosts": [
                     REDIS_URL if SIGNALING_CHANNEL_LAYER == "pubsub" else {"address": REDIS_URL, "socket_timeout": 15}
-                ]
+                ],
+                # core drops group members after group_expiry (a day by default): a
+                # session connected longer would stop receiving its calls.
+                **({} if SIGNALING_CHANNEL_LAYER == "pubsub" else {"group_expiry": 365 * 86400}),
             },
         }
     }
 else:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "BACKEND": "calls.layers.SignalingInMemoryLayer",
             "CONFIG": {"capacity": 1000, "expiry": 60},
         }
     }
