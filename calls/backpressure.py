@@ -6,11 +6,16 @@ module gives daphne's WebSocket protocol a limit: before a frame is written,
 if more than SIGNALING_SEND_BUFFER_BYTES are already waiting for that client,
 the connection is dropped (the application then gets its usual disconnect).
 Writes never block, so a stuck client delays nobody else.
+
+It also stops autobahn (daphne's WebSocket engine) from pretty-printing some
+forty settings for a debug log line on every new connection whether or not
+debug logging is on: 2-3% of the CPU of a sign-in storm (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import logging
+from pprint import pformat
 from typing import Any
 
 from django.conf import settings
@@ -24,8 +29,30 @@ def buffered_bytes(transport: Any) -> int:
     return pending + getattr(transport, "_tempDataLen", 0)
 
 
+class _LazyFormat:
+    """pformat deferred until a log line is actually written."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return pformat(self.value)
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+
+
 def install() -> None:
     """Make daphne's WebSocket factory build protocols that enforce the cap (idempotent)."""
+    try:
+        import autobahn.websocket.protocol as autobahn_protocol
+    except ImportError:
+        pass
+    else:
+        autobahn_protocol.pformat = _LazyFormat
+        # The one place that returns pformat's result as a str.
+        autobahn_protocol.Timings.__str__ = lambda timings: pformat(timings._timings)
     try:
         from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
     except ImportError:  # another ASGI server: it must bound its own buffers

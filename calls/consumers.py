@@ -233,11 +233,13 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.register_deadline.cancel()
         self.runtime.sessions[self.channel_name] = self
         await self.channel_layer.group_add(user_group(username), self.channel_name)
-        await database_sync_to_async(lifecycle.touch_user)(username, message.user_id)
         logger.info("session %s registered as %s", self.channel_name, username)
         if message.resume:
             self.resume_token, self.resume_nonce = make_token(self.channel_name, username, message.user_id)
         await self.send_registered()
+        # After the reply, before this socket's next message is handled: the client
+        # waits for one database round trip less, and its own calls find the row.
+        await database_sync_to_async(lifecycle.touch_user)(username, message.user_id)
         self.delta_presence = message.presence == "delta"
         self.runtime.hub.listen(self.channel_name, self.send_text, self.delta_presence)
         if came_online:

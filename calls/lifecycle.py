@@ -116,7 +116,9 @@ def start_call(caller_username: str, caller_channel: str, callee_username: str, 
             .filter(username__in=[caller_username, callee_username])
             .order_by("pk")
         }
-        caller, callee = users[caller_username], users[callee_username]
+        caller, callee = users[caller_username], users.get(callee_username)
+        if callee is None:  # listed, but its registration has not reached the database yet
+            raise CallRefused("user_offline", f"{callee_username} is not online")
         multi = settings.SIGNALING_MULTI_CALL_USERS
         if caller_username not in multi and Call.objects.live().involving(caller).exists():
             raise CallRefused("already_in_call", "You are already in a call; end it first")

@@ -22,6 +22,12 @@ from typing import Protocol
 
 from calls import metrics, protocol
 
+# After a broadcast, the next one waits at least this many times as long as the
+# broadcast took to build and hand to the sockets. The sockets' writes come after
+# and cost about as much again, so broadcasting takes at most about a third of the
+# process's time however many sessions listen: a sign-in storm grows linearly.
+BROADCAST_BACKOFF = 3.0
+
 logger = logging.getLogger(__name__)
 
 
@@ -228,9 +234,9 @@ class PresenceHub:
                 logger.exception("presence broadcast failed; retrying next window")
                 self._dirty = True
                 await asyncio.sleep(1)
-            # A broadcast to many sessions is costly: leave at least as long again
-            # before the next one, so a sign-in storm cannot turn into back-to-back lists.
-            await asyncio.sleep(time.monotonic() - started)
+            # A broadcast to many sessions is costly: a sign-in storm must not turn
+            # into back-to-back lists.
+            await asyncio.sleep(BROADCAST_BACKOFF * (time.monotonic() - started))
 
     async def _broadcast(self) -> None:
         self._dirty = False

@@ -73,13 +73,12 @@ async def test_a_client_that_stops_reading_is_disconnected_while_hundreds_sign_i
             # 150 users stay online, so every list is large; then others churn in and
             # out, and each change is another large list for the stuck client.
             resident = [await register(server.url, f"resident-{i}-" + "n" * 48) for i in range(150)]
-            for batch in range(300):
-                if "dropping client" in server.logs():
-                    break
+            batch = 0
+            while "dropping client" not in server.logs():  # bounded by the timeout above
+                batch += 1
                 churn = [await register(server.url, f"churn-{batch}-{i}") for i in range(10)]
                 for client in churn:
                     await client.close()
-            assert "dropping client" in server.logs()
             await stuck_gone.wait()
         watcher.cancel()
         for ws in resident:
