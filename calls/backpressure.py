@@ -7,7 +7,8 @@ if more than SIGNALING_SEND_BUFFER_BYTES are already waiting for that client,
 the connection is dropped (the application then gets its usual disconnect).
 Writes never block, so a stuck client delays nobody else.
 
-It also stops autobahn (daphne's WebSocket engine) from pretty-printing some
+It also lets the application close with the registered codes autobahn refuses
+(1008 policy violation, 1012 service restart), and stops autobahn (daphne's WebSocket engine) from pretty-printing some
 forty settings for a debug log line on every new connection whether or not
 debug logging is on: 2-3% of the CPU of a sign-in storm (docs/benchmarks.md).
 """
@@ -63,15 +64,26 @@ def install() -> None:
     class BoundedWebSocketProtocol(WebSocketProtocol):
         bounded = True
 
+        def serverClose(self, code: int | None = None) -> None:
+            # autobahn's sendClose only takes 1000 and 3000-4999, and daphne then drops
+            # the connection without a close frame; 1008 (policy) and 1012 (service
+            # restart: reconnect elsewhere) are registered codes clients act on.
+            if code is not None and 1001 <= code <= 1014 and code not in (1004, 1005, 1006):
+                self.sendCloseFrame(code=code, isReply=False)
+                return
+            super().serverClose(code)
+
         def handle_reply(self, message: dict[str, Any]) -> None:
             if message.get("type") == "websocket.send" and self.transport is not None:
                 pending = buffered_bytes(self.transport)
                 if pending > settings.SIGNALING_SEND_BUFFER_BYTES:
                     logger.warning(
-                        "dropping client %s: %d bytes unread (limit %d)",
-                        self.client_addr,
-                        pending,
-                        settings.SIGNALING_SEND_BUFFER_BYTES,
+                        "dropping client: send buffer full",
+                        extra={
+                            "client": ":".join(map(str, self.client_addr or ())),
+                            "unread_bytes": pending,
+                            "limit_bytes": settings.SIGNALING_SEND_BUFFER_BYTES,
+                        },
                     )
                     self.transport.abortConnection()
                     return

@@ -29,7 +29,7 @@ from calls.lifecycle import CallRecord, CallRefused
 from calls.presence import JoinRefused, SessionInfo
 from calls.protocol import ProtocolError
 from calls.resume import handover_event, make_token, read_token
-from calls.runtime import Runtime, user_group
+from calls.runtime import CLOSE_SERVICE_RESTART, Runtime, user_group
 from calls.security import TokenInvalid, new_bucket, verify_token
 from calls.states import EndReason
 
@@ -66,9 +66,10 @@ class SignalingConsumer(AsyncWebsocketConsumer):
 
     # While the socket is gone and the session is held for a resume: what arrives for it.
     held: deque[dict[str, Any]] | None = None
+    # Closed with 1012 for a shutdown, waiting for the client's close.
+    draining = False
 
     async def connect(self) -> None:
-        self.runtime = Runtime.current()
         await self.runtime.start()
         self.session: SessionInfo | None = None
         self.delta_presence = False
@@ -82,6 +83,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         await self.accept()
         metrics.connection_opened()
         self.counted = True
+        if self.runtime.draining:  # accepted just before the listening socket closed
+            await self.close(code=CLOSE_SERVICE_RESTART)
         self.register_deadline = asyncio.get_running_loop().call_later(
             settings.SIGNALING_REGISTER_TIMEOUT, self._register_timeout
         )
@@ -98,6 +101,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = await self.channel_layer.new_channel()
         self.inbox: asyncio.Queue = asyncio.Queue(INBOX_LIMIT)
+        self.runtime = Runtime.current()
+        self.runtime.consumers[self] = asyncio.current_task()
         loop = asyncio.get_running_loop()
         readers = [
             loop.create_task(self._read(receive)),
@@ -112,6 +117,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         except StopConsumer:
             pass
         finally:
+            self.runtime.consumers.pop(self, None)
             for reader in readers:
                 reader.cancel()
             for reader in readers:
@@ -134,6 +140,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if self.held is not None:
             await self.hold_event(message)
             return
+        if self.draining and not message["type"].startswith("websocket."):
+            return  # closed for a shutdown: nothing more goes out
         handler = getattr(self, message["type"].replace(".", "_"), None)
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
@@ -262,6 +270,11 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if found is None or self.pending_resume is not None:
             raise ProtocolError(protocol.RESUME_FAILED, "That resume token is not valid for you")
         old_channel, nonce = found
+        # Parked by a process that shut down (it is gone), or held by a live consumer somewhere.
+        parked = await self.runtime.store.claim_parked(old_channel, nonce)
+        if parked is not None:
+            await self.take_over(parked)
+            return
         self.pending_resume = asyncio.get_running_loop().create_task(self._ask_holder(old_channel, nonce))
 
     async def _ask_holder(self, old_channel: str, nonce: str) -> None:
@@ -294,11 +307,14 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         await self.send_error(protocol.RESUME_FAILED, "The session cannot be resumed; register afresh")
 
     async def session_handover(self, event: dict[str, Any]) -> None:
-        """Take over a held session: its presence, its calls and what was queued for it."""
         if self.pending_resume is None or self.session is not None:
             return
         self.pending_resume.cancel()
         self.pending_resume = None
+        await self.take_over(event)
+
+    async def take_over(self, event: dict[str, Any]) -> None:
+        """Take over a held or parked session: its presence, its calls and what was queued for it."""
         old_channel = event["old_channel"]
         session = SessionInfo(self.channel_name, event["username"], event["user_id"])
         # Join before the old lease goes, so the user never blinks offline.
@@ -571,6 +587,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             )
         loop = asyncio.get_running_loop()
         expire = {"type": "session.expire", "code": code}
+        self.held_until = loop.time() + settings.SIGNALING_RESUME_GRACE
         self.held_timer = loop.call_later(
             settings.SIGNALING_RESUME_GRACE,
             lambda: loop.create_task(self.channel_layer.send(self.channel_name, expire)),
@@ -596,12 +613,53 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             self.held = None
             await self.end_session(event["code"])
             raise StopConsumer()
+        if kind == "server.drain":
+            self.held_timer.cancel()
+            if event["carry"]:
+                grace = self.held_until - asyncio.get_running_loop().time()
+                await self.park(list(self.held), self.held_dropped, max(grace, 1.0))
+            else:
+                await self.end_session(CLOSE_SERVICE_RESTART)
+            raise StopConsumer()
         if kind.startswith("websocket."):
             return
         if len(self.held) >= settings.SIGNALING_RESUME_QUEUE_LIMIT:
             self.held_dropped += 1
         else:
             self.held.append(event)
+
+    async def server_drain(self, event: dict[str, Any]) -> None:
+        """The process is shutting down: park or end the session, and send the client elsewhere."""
+        self.register_deadline.cancel()
+        if self.session is not None:
+            self.runtime.hub.unlisten(self.channel_name)
+            if event["carry"] and self.resume_token is not None:
+                for call in self.calls.values():
+                    await self.tell_peer(
+                        call,
+                        {"type": "call.peer_reconnecting", "call_id": call.call_id, "username": self.session.username},
+                    )
+                await self.park([], 0, settings.SIGNALING_RESUME_GRACE)
+            else:
+                await self.end_session(CLOSE_SERVICE_RESTART)
+            self.session = None
+        # The consumer ends when the client answers the close (or daphne gives up on it).
+        self.draining = True
+        await self.close(code=CLOSE_SERVICE_RESTART)
+
+    async def park(self, queued: list[dict[str, Any]], dropped: int, grace: float) -> None:
+        """Leave the session in the shared store for a socket on another process to resume."""
+        state = {**handover_event(self, queued, dropped), "nonce": self.resume_nonce}
+        await self.runtime.store.park(self.channel_name, state, grace)
+        self.runtime.sessions.pop(self.channel_name, None)
+        metrics.session_closed()
+        logger.info(
+            "session %s (%s) parked for %.0f s with %d call(s)",
+            self.channel_name,
+            self.session.username,
+            grace,
+            len(self.calls),
+        )
 
     async def end_session(self, code: int) -> None:
         """End this session for good: presence, group, and the calls it held."""

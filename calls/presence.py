@@ -54,6 +54,9 @@ class StoreUnavailable(Exception):
 
 
 class PresenceStore(Protocol):
+    # Whether other processes see this store (and so can carry a parked session).
+    shared: bool
+
     async def join(self, session: SessionInfo, max_sessions: int, ttl: float) -> bool:
         """Add a session; return True if its user just came online.
 
@@ -91,6 +94,16 @@ class PresenceStore(Protocol):
     async def epoch(self) -> str:
         """Return an id that changes whenever the store loses its data (a Redis restart)."""
 
+    async def park(self, channel: str, state: dict, ttl: float) -> None:
+        """Keep a session of a process that is shutting down for `ttl` seconds.
+
+        Its lease is set to run out after `ttl` too; `state` (JSON-able, with the
+        session's one-time resume `nonce`) is what a new socket takes over.
+        """
+
+    async def claim_parked(self, channel: str, nonce: str) -> dict | None:
+        """Take a parked session's state, once, if `nonce` is its resume nonce."""
+
     async def clear(self) -> None:
         """Forget every session (tests)."""
 
@@ -107,9 +120,12 @@ class _Lease:
 class MemoryPresenceStore:
     """Leases in this process's memory: for one process without Redis."""
 
+    shared = False
+
     def __init__(self) -> None:
         self._leases: dict[str, _Lease] = {}
         self._by_user: dict[str, dict[str, SessionInfo]] = {}
+        self._parked: dict[str, tuple[float, dict]] = {}
 
     async def join(self, session: SessionInfo, max_sessions: int, ttl: float) -> bool:
         held = self._by_user.get(session.username, {})
@@ -176,9 +192,25 @@ class MemoryPresenceStore:
         # The leases live and die with this process: they are never lost on their own.
         return "memory"
 
+    async def park(self, channel: str, state: dict, ttl: float) -> None:
+        expires = time.monotonic() + ttl
+        self._parked = {c: held for c, held in self._parked.items() if held[0] > time.monotonic()}
+        self._parked[channel] = (expires, state)
+        lease = self._leases.get(channel)
+        if lease is not None:
+            lease.expires = expires
+
+    async def claim_parked(self, channel: str, nonce: str) -> dict | None:
+        expires, state = self._parked.get(channel, (0.0, {}))
+        if expires <= time.monotonic() or state.get("nonce") != nonce:
+            return None
+        del self._parked[channel]
+        return state
+
     async def clear(self) -> None:
         self._leases.clear()
         self._by_user.clear()
+        self._parked.clear()
 
     async def close(self) -> None:
         pass

@@ -6,6 +6,7 @@ Keys (all under `signaling:presence:`):
     user:<username> set of the user's channels
     online          hash: username -> user_id, for users with at least one session
     epoch           a random id, written when the data set is new (see `epoch`)
+    parked:<channel> JSON state of a session parked by a process shutting down
 
 Every change is one Lua script, so a join is atomic across processes: two
 processes cannot both hand one username to different user_ids, nor let a user
@@ -41,6 +42,7 @@ SESSIONS = PREFIX + "sessions"
 ONLINE = PREFIX + "online"
 EPOCH = PREFIX + "epoch"
 USER_PREFIX = PREFIX + "user:"
+PARKED_PREFIX = PREFIX + "parked:"
 # Channels per renewal script; the batches of one renewal go in one pipeline.
 RENEW_BATCH = 500
 EXPIRE_BATCH = 1000
@@ -168,6 +170,26 @@ return live
 """
 )
 
+# KEYS: leases, parked:<channel>. ARGV: channel, ttl_ms, state.
+PARK = (
+    _NOW_MS
+    + """
+redis.call('SET', KEYS[2], ARGV[3], 'PX', tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+)
+
+# KEYS: parked:<channel>. ARGV: nonce. Returns the state, deleted, if the nonce matches.
+CLAIM = """
+local state = redis.call('GET', KEYS[1])
+if not state or cjson.decode(state)['nonce'] ~= ARGV[1] then
+    return nil
+end
+redis.call('DEL', KEYS[1])
+return state
+"""
+
 # KEYS: epoch. ARGV: a new id. Returns the current id, writing ARGV[1] if there was none.
 EPOCH_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
@@ -198,6 +220,8 @@ def _unavailable_on_connection_errors(method: Callable[P, Awaitable[T]]) -> Call
 class RedisPresenceStore:
     """Leases in Redis: every process sees the same sessions, and a dead one's lapse."""
 
+    shared = True
+
     def __init__(self, url: str, client: aioredis.Redis | None = None) -> None:
         # Few, fast retries: a request waiting on a Redis that is down should fail
         # within a second or two, and the background jobs retry on their own.
@@ -214,6 +238,8 @@ class RedisPresenceStore:
         self._expire = self.redis.register_script(EXPIRE)
         self._sessions_of = self.redis.register_script(SESSIONS_OF)
         self._epoch = self.redis.register_script(EPOCH_SCRIPT)
+        self._park = self.redis.register_script(PARK)
+        self._claim = self.redis.register_script(CLAIM)
 
     @staticmethod
     def _join_args(session: SessionInfo, max_sessions: int, ttl: float) -> tuple[list[str], list[Any]]:
@@ -292,6 +318,15 @@ class RedisPresenceStore:
     @_unavailable_on_connection_errors
     async def epoch(self) -> str:
         return await self._epoch(keys=[EPOCH], args=[uuid.uuid4().hex])
+
+    @_unavailable_on_connection_errors
+    async def park(self, channel: str, state: dict, ttl: float) -> None:
+        await self._park(keys=[LEASES, PARKED_PREFIX + channel], args=[channel, _ms(ttl), json.dumps(state)])
+
+    @_unavailable_on_connection_errors
+    async def claim_parked(self, channel: str, nonce: str) -> dict | None:
+        state = await self._claim(keys=[PARKED_PREFIX + channel], args=[nonce])
+        return None if state is None else json.loads(state)
 
     @_unavailable_on_connection_errors
     async def clear(self) -> None:

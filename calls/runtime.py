@@ -78,6 +78,9 @@ class Runtime:
         self.store = make_store()
         self.hub = PresenceHub(self.store, settings.SIGNALING_PRESENCE_WINDOW_MS / 1000)
         self.sessions: dict[str, SignalingConsumer] = {}
+        # Every live consumer of this loop (registered or not) and the task running it.
+        self.consumers: dict[SignalingConsumer, asyncio.Task] = {}
+        self.draining = False
         ttl = settings.SIGNALING_PRESENCE_TTL
         # How long a session's presence lease lasts: renewals come every ttl/4, so
         # a renewal may be late by 5ttl/12 before a live session lapses.
@@ -151,6 +154,36 @@ class Runtime:
         with contextlib.suppress(Exception):
             await self.store.close()
         self._tasks, self._timers, self._started, self._announce_task = [], {}, False, None
+
+    async def drain(self, timeout: float) -> None:
+        """Shut down gracefully: every socket is closed with 1012 (reconnect elsewhere).
+
+        With a shared store, a session that can resume is parked for the resume
+        grace, calls and all, for a socket on another process to take over;
+        other sessions end as if their socket dropped.
+        """
+        self.draining = True
+        carry = self.store.shared and settings.SIGNALING_RESUME_GRACE > 0
+        consumers = dict(self.consumers)
+        logger.info(
+            "runtime %s draining: %d connection(s), %s",
+            self.process_id,
+            len(consumers),
+            "resumable sessions parked for other processes" if carry else "sessions end here",
+        )
+        for consumer in consumers:
+            with contextlib.suppress(TimeoutError):  # a consumer stuck that long is cancelled below
+                await asyncio.wait_for(consumer.inbox.put({"type": "server.drain", "carry": carry}), 1.0)
+        if consumers:
+            _, late = await asyncio.wait(consumers.values(), timeout=timeout)
+            if late:
+                logger.warning("runtime %s: %d connection(s) did not close in time", self.process_id, len(late))
+        # Other processes must hear of the users who went offline.
+        if self._announce_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._announce_task, timeout=max(1.0, 4 * self.hub.window))
+        await self.stop()
+        logger.info("runtime %s drained", self.process_id)
 
     # --- Presence ------------------------------------------------------
 

@@ -15,11 +15,14 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from calls import backpressure  # noqa: E402
+from calls import backpressure, shutdown  # noqa: E402
 from calls.routing import websocket_urlpatterns  # noqa: E402
 from calls.security import OriginValidator  # noqa: E402
 
+# daphne tuning: a cap on what a client that stops reading can pile up, and a
+# graceful drain on SIGTERM (calls/backpressure.py, calls/shutdown.py).
 backpressure.install()
+shutdown.install()
 
 application = ProtocolTypeRouter(
     {

@@ -1,0 +1,122 @@
+"""Graceful shutdown: SIGTERM closes every socket with 1012 and ends no call another
+process can carry (real daphne processes; with Redis and PostgreSQL for the carry)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+
+import pytest
+import websockets
+
+from calls.tests.servers import daphne_server
+from calls.tests.test_multiprocess import TIMEOUT, Peer, answered_call, peers, start_cluster  # noqa: F401
+
+SERVICE_RESTART = 1012
+
+
+async def closed_with(peer: Peer) -> int:
+    """Read until the server closes the socket; return the close code."""
+    async with asyncio.timeout(TIMEOUT):
+        try:
+            while True:
+                await peer.ws.recv()
+        except websockets.ConnectionClosed as closed:
+            return closed.rcvd.code if closed.rcvd else 1006
+
+
+def exited(server, timeout: float = 20.0) -> int:
+    return server.proc.wait(timeout)
+
+
+async def test_one_process_closes_every_socket_with_1012_and_ends_its_calls(tmp_path, peers):  # noqa: F811
+    with daphne_server(tmp_path, SIGNALING_PRESENCE_WINDOW_MS="20") as server:
+        alice = await peers(server, "alice", resume=True)
+        bob = await peers(server, "bob")
+        idle = await peers(server)  # connected, never registered
+        call_id = await answered_call(alice, bob)
+
+        server.proc.send_signal(signal.SIGTERM)
+        codes = await asyncio.gather(closed_with(alice), closed_with(bob), closed_with(idle))
+        assert codes == [SERVICE_RESTART] * 3
+        assert await asyncio.to_thread(exited, server) == 0
+        # No other process can carry the call: it ended, and the row says why.
+        db = sqlite3.connect(tmp_path / "server.sqlite3")
+        assert db.execute("SELECT id, status, end_reason FROM calls_call").fetchall() == [
+            (call_id.replace("-", ""), "completed", "disconnected")
+        ]
+        logs = server.logs()
+        assert "stopped listening" in logs and "drained" in logs
+        assert "took too long to shut down" not in logs and "Exception inside application" not in logs
+
+
+@pytest.mark.services
+async def test_a_resumable_call_moves_to_another_process_and_a_v1_call_ends(tmp_path, postgres, peers):  # noqa: F811
+    cluster = start_cluster(tmp_path, postgres, SIGNALING_RESUME_GRACE="20")
+    try:
+        alice = await peers(cluster.a)
+        alice.name = "alice"
+        token = (await alice.register("alice", "id-alice", resume=True))["resume_token"]
+        bob = await peers(cluster.b, "bob")
+        carol = await peers(cluster.a, "carol")  # a v1 client: cannot resume
+        dave = await peers(cluster.b, "dave")
+        carried = await answered_call(alice, bob)
+        dropped = await answered_call(carol, dave)
+
+        cluster.a.proc.send_signal(signal.SIGTERM)
+        assert await closed_with(alice) == SERVICE_RESTART
+        assert await closed_with(carol) == SERVICE_RESTART
+        reconnecting = await bob.expect("peer_reconnecting")
+        assert (reconnecting["username"], reconnecting["call_id"]) == ("alice", carried)
+        ended = await dave.expect("call_ended")
+        assert (ended["call_id"], ended["reason"]) == (dropped, "disconnected")
+        assert await asyncio.to_thread(exited, cluster.a) == 0
+        assert "Exception inside application" not in cluster.a.logs()
+        assert cluster.call_row(carried) == ("answered", None)
+        assert cluster.call_row(dropped) == ("completed", "disconnected")
+
+        # alice comes back on the other process with her token: the call is hers again.
+        again = await peers(cluster.b)
+        again.name = "alice"
+        resumed = await again.register("alice", "id-alice", resume_token=token)
+        assert resumed["resumed"] is True
+        assert resumed["calls"] == [{"call_id": carried, "peer_username": "bob", "status": "answered"}]
+        assert (await bob.expect("peer_reconnected"))["call_id"] == carried
+        candidate = {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host", "sdpMLineIndex": 0}
+        await again.send({"type": "ice_candidate", "target_username": "bob", "data": candidate})
+        relayed = await bob.expect("ice_candidate")
+        assert (relayed["from_username"], relayed["data"], relayed["call_id"]) == ("alice", candidate, carried)
+        await bob.send({"type": "ice_candidate", "target_username": "alice", "data": candidate})
+        assert (await again.expect("ice_candidate"))["from_username"] == "bob"
+
+        # The parked state was taken once: the same token cannot take it again.
+        thief = await peers(cluster.b)
+        await thief.send({"type": "register", "username": "alice", "user_id": "id-alice", "resume_token": token})
+        await thief.expect_error("resume_failed")
+
+        await again.send({"type": "call_ended", "target_username": "bob"})
+        ended = await bob.expect("call_ended")
+        assert (ended["call_id"], ended["reason"]) == (carried, "hangup")
+        assert cluster.call_row(carried) == ("completed", "hangup")
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.services
+async def test_a_parked_session_nobody_resumes_ends_its_call_after_the_grace(tmp_path, postgres, peers):  # noqa: F811
+    cluster = start_cluster(tmp_path, postgres, SIGNALING_RESUME_GRACE="2", SIGNALING_PRESENCE_TTL="3")
+    try:
+        alice = await peers(cluster.a, "alice", resume=True)
+        bob = await peers(cluster.b, "bob")
+        call_id = await answered_call(alice, bob)
+        cluster.a.proc.send_signal(signal.SIGTERM)
+        assert await closed_with(alice) == SERVICE_RESTART
+        await bob.expect("peer_reconnecting")
+        # Parked for the grace: alice stays listed meanwhile, then her lease runs out.
+        ended = await bob.expect("call_ended", timeout=15)
+        assert (ended["call_id"], ended["reason"]) == (call_id, "disconnected")
+        await bob.expect_online({"bob"})
+        assert cluster.call_row(call_id) == ("completed", "disconnected")
+    finally:
+        cluster.stop()
