@@ -69,7 +69,7 @@ def issue_token(username: str, password: str, address: str) -> IssuedToken:
         for key, _ in keys:
             cache.add(key, 0, FAILURE_WINDOW_S)
             cache.incr(key)
-        logger.info("failed login for a username from %s", address)
+        logger.info("login failed", extra={"address": address})
         raise AccountError("invalid_credentials", "Wrong username or password", 401)
     cache.delete(keys[0][0])
     token, expires_at = mint_token(user.get_username())
@@ -97,5 +97,5 @@ def create_account(username: str, password: str) -> str:
         candidate.save()
     except IntegrityError:
         raise AccountError("username_exists", "That username is taken", 409) from None
-    logger.info("account created for %s", username)
+    logger.info("account created", extra={"user": username})
     return username

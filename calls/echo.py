@@ -127,15 +127,15 @@ class EchoBot:
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
-            logger.debug("call %s: connection %s", call_id, pc.connectionState)
+            logger.debug("media connection state", extra={"call": call_id, "state": pc.connectionState})
             if pc.connectionState == "failed" and call_id in self.calls:
-                logger.info("call %s from %s: media connection failed; hanging up", call_id, caller)
+                logger.info("media connection failed; hanging up", extra={"call": call_id, "caller": caller})
                 await self.client.hang_up(call_id)
                 await self.close_call(call_id, "media failed")
 
         call.worker = asyncio.create_task(self._work(call), name=f"echo call {call_id}")
         await self.client.accept(call_id)
-        logger.info("call %s from %s: started", call_id, caller)
+        logger.info("echo call started", extra={"call": call_id, "caller": caller})
 
     async def _work(self, call: EchoCall) -> None:
         while True:
@@ -146,7 +146,7 @@ class EchoBot:
                 else:
                     await self._add_candidate(call, signal.data)
             except Exception:
-                logger.exception("call %s: could not handle a %s", call.call_id, type(signal).__name__)
+                logger.exception("signal not handled", extra={"call": call.call_id, "signal": type(signal).__name__})
 
     async def _answer_offer(self, call: EchoCall, data: Mapping[str, Any]) -> None:
         await call.pc.setRemoteDescription(RTCSessionDescription(sdp=data["sdp"], type=data["type"]))
@@ -156,7 +156,7 @@ class EchoBot:
         await call.pc.setLocalDescription(await call.pc.createAnswer())
         local = call.pc.localDescription
         await self.client.send_answer(call.call_id, {"type": local.type, "sdp": local.sdp})
-        logger.debug("call %s: answered an offer", call.call_id)
+        logger.debug("offer answered", extra={"call": call.call_id})
 
     async def _add_candidate(self, call: EchoCall, data: Mapping[str, Any]) -> None:
         candidate = candidate_from_wire(data)
@@ -177,7 +177,7 @@ class EchoBot:
             with contextlib.suppress(asyncio.CancelledError):
                 await call.worker
         await call.pc.close()
-        logger.info("call %s from %s: ended (%s)", call_id, call.caller, reason)
+        logger.info("echo call ended", extra={"call": call_id, "caller": call.caller, "reason": reason})
 
     async def end_all(self) -> None:
         """Hang up every call (when the signaling connection is still up) and close them."""
@@ -204,13 +204,16 @@ async def run_echo_bot(
             await client.connect()
             break
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            logger.warning("echo bot: cannot reach %s (%s); retrying in %.0f s", url, exc, delay)
+            logger.warning(
+                "echo bot cannot reach the server; retrying",
+                extra={"url": url, "error": type(exc).__name__, "detail": str(exc), "retry_in_s": delay},
+            )
         try:
             await asyncio.wait_for(stop.wait(), delay)
             return
         except TimeoutError:
             delay = min(delay * 2, 30.0)
-    logger.info("echo bot registered as %s on %s", username, url)
+    logger.info("echo bot registered", extra={"user": username, "url": url})
     bot = EchoBot(client)
     runner = asyncio.create_task(bot.run())
     stopper = asyncio.create_task(stop.wait())

@@ -78,7 +78,10 @@ def _transition(call: Call, new: CallStatus, reason: EndReason | None, session: 
     call.save(update_fields=["status", "end_reason", "answered_at", "ended_at", "callee_channel"])
     _record_event(call, old, reason, session)
     transaction.on_commit(lambda: metrics.call_transition(new, reason))
-    logger.info("call %s %s -> %s reason=%s session=%s", call.id, old, new, reason, session)
+    logger.info(
+        "call transition",
+        extra={"call": str(call.id), "old_status": old, "new_status": new, "reason": reason, "session": session},
+    )
 
 
 def _locked_live_call(call_id: str) -> Call | None:
@@ -135,7 +138,16 @@ def start_call(caller_username: str, caller_channel: str, callee_username: str, 
         _record_event(call, "", call.end_reason, caller_channel)
         status, reason = call.status, call.end_reason
         transaction.on_commit(lambda: metrics.call_transition(status, reason))
-    logger.info("call %s %s -> %s status=%s", call.id, caller_username, callee_username, call.status)
+    logger.info(
+        "call started",
+        extra={
+            "call": str(call.id),
+            "caller": caller_username,
+            "callee": callee_username,
+            "status": call.status,
+            "session": caller_channel,
+        },
+    )
     return CallRecord.of(call)
 
 

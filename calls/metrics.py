@@ -156,7 +156,7 @@ class CallStatusCollector:
         try:
             counts = dict(Call.objects.order_by().values_list("status").annotate(n=Count("pk")))
         except DatabaseError as exc:
-            logger.warning("metrics: counting calls by status failed: %s", exc)
+            logger.warning("counting calls by status failed", extra={"error": type(exc).__name__, "detail": str(exc)})
             error.add_metric([], 1)
             yield error
             return

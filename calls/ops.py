@@ -95,10 +95,10 @@ async def _run_check(name: str, check: Callable[[], Awaitable[None]]) -> dict[st
         async with asyncio.timeout(CHECK_TIMEOUT):
             await check()
     except TimeoutError:
-        logger.warning("readiness check %s timed out after %s s", name, CHECK_TIMEOUT)
+        logger.warning("readiness check timed out", extra={"check": name, "timeout_s": CHECK_TIMEOUT})
         return {"ok": False, "error": "timeout"}
     except Exception as exc:  # noqa: BLE001 - any failure of a dependency means not ready
-        logger.warning("readiness check %s failed: %s: %s", name, type(exc).__name__, exc)
+        logger.warning("readiness check failed", extra={"check": name, "error": type(exc).__name__, "detail": str(exc)})
         return {"ok": False, "error": type(exc).__name__}
     return {"ok": True, "ms": round((time.perf_counter() - started) * 1000, 1)}
 

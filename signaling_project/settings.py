@@ -217,6 +217,8 @@ if SIGNALING_TURN_URLS and not SIGNALING_TURN_SECRET:
     raise ImproperlyConfigured("SIGNALING_TURN_URLS needs SIGNALING_TURN_SECRET")
 # Bearer token for /metrics; empty means /metrics is only served when DEBUG is on.
 SIGNALING_METRICS_TOKEN = env_str("SIGNALING_METRICS_TOKEN")
+# One line per log record: "logfmt" or "json" (calls/logs.py).
+SIGNALING_LOG_FORMAT = env_choice("SIGNALING_LOG_FORMAT", "logfmt", ("logfmt", "json"))
 
 _KNOWN_SIGNALING_VARS = {name for name in globals() if name.startswith("SIGNALING_")}
 _unknown = sorted(name for name in os.environ if name.startswith("SIGNALING_") and name not in _KNOWN_SIGNALING_VARS)
@@ -229,10 +231,10 @@ LOG_LEVEL = env_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {
-        "line": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-    },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "line"}},
+    "formatters": {"line": {"()": "calls.logs.LineFormatter", "output": SIGNALING_LOG_FORMAT}},
+    # At INFO and above, secret-named fields are redacted and long ones cut (calls/logs.py).
+    "filters": {"redact": {"()": "calls.logs.RedactFilter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "line", "filters": ["redact"]}},
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         "calls": {"level": LOG_LEVEL},

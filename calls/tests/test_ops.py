@@ -129,7 +129,7 @@ def test_readyz_is_503_naming_the_channel_layer_when_redis_is_unreachable(tmp_pa
     assert report["checks"]["channel_layer"] == {"ok": False, "error": "ConnectionError"}
     assert report["checks"]["database"]["ok"] is True
     assert health == 200
-    assert "readiness check channel_layer failed" in logs
+    assert 'msg="readiness check failed" check=channel_layer error=ConnectionError' in logs
 
 
 def test_readyz_is_503_naming_the_database_when_it_is_unreachable(tmp_path):
