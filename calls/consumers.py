@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.exceptions import StopConsumer
+from channels.exceptions import ChannelFull, StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -149,7 +149,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
 
     def _register_timeout(self) -> None:
         if self.session is None:
-            logger.info("session %s closed: no register within the deadline", self.channel_name)
+            logger.info("session closed: no register in time", extra={"session": self.channel_name})
             asyncio.get_running_loop().create_task(self.close(code=CLOSE_POLICY))
 
     # --- Inbound frames ------------------------------------------------
@@ -158,7 +158,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if not self.bucket.take():
             self.strikes += 1
             if self.strikes >= FLOOD_STRIKES:
-                logger.warning("session %s disconnected for flooding", self.channel_name)
+                logger.warning("session cut off for flooding", extra={"session": self.channel_name})
                 await self.close(code=CLOSE_POLICY)
                 return
             await self.send_error(protocol.RATE_LIMITED, "Too many messages; slow down")
@@ -190,7 +190,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         except CallRefused as exc:
             await self.send_error(exc.code, exc.message)
         except Exception:
-            logger.exception("session %s: failed to handle a message", self.channel_name)
+            logger.exception("message not handled", extra={"session": self.channel_name})
             await self.send_error(protocol.INTERNAL_ERROR, "The server could not handle that message")
 
     async def handle(self, message: protocol.Message) -> None:
@@ -241,13 +241,12 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.register_deadline.cancel()
         self.runtime.sessions[self.channel_name] = self
         await self.channel_layer.group_add(user_group(username), self.channel_name)
-        logger.info("session %s registered as %s", self.channel_name, username)
+        # Before the reply: once a client is registered, a call to it on any process finds its row.
+        await database_sync_to_async(lifecycle.touch_user)(username, message.user_id)
+        logger.info("session registered", extra={"session": self.channel_name, "user": username})
         if message.resume:
             self.resume_token, self.resume_nonce = make_token(self.channel_name, username, message.user_id)
         await self.send_registered()
-        # After the reply, before this socket's next message is handled: the client
-        # waits for one database round trip less, and its own calls find the row.
-        await database_sync_to_async(lifecycle.touch_user)(username, message.user_id)
         self.delta_presence = message.presence == "delta"
         self.runtime.hub.listen(self.channel_name, self.send_text, self.delta_presence)
         if came_online:
@@ -295,7 +294,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.runtime.hub.unlisten(self.channel_name)
         await self.channel_layer.send(event["reply_to"], handover_event(self, [], 0))
         self.runtime.sessions.pop(self.channel_name, None)
-        logger.info("session %s handed over to %s", self.channel_name, event["reply_to"])
+        logger.info("session handed over", extra={"session": self.channel_name, "to": event["reply_to"]})
         self.session = None
         await self.close()
 
@@ -328,7 +327,15 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_discard(user_group(session.username), old_channel)
         self.calls = {call["call_id"]: LiveCall(**call) for call in event["calls"]}
         self.resume_token, self.resume_nonce = make_token(self.channel_name, session.username, session.user_id)
-        logger.info("session %s resumed as %s from %s", self.channel_name, session.username, old_channel)
+        logger.info(
+            "session resumed",
+            extra={
+                "session": self.channel_name,
+                "user": session.username,
+                "from": old_channel,
+                "calls": len(self.calls),
+            },
+        )
         await self.send_registered(
             resumed=True,
             calls=[
@@ -455,9 +462,24 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if call is None:
             raise ProtocolError(protocol.NOT_IN_CALL, f"You are not in a call with {message.target_username}")
         text = protocol.encode(protocol.signal(message.type, self.session.username, message.data, call.call_id))
-        await self.tell_peer(
-            call, {"type": "call.signal", "call_id": call.call_id, "text": text, "sent_at": time.time()}
-        )
+        event = {"type": "call.signal", "call_id": call.call_id, "text": text, "sent_at": time.time()}
+        # The hot path: a peer on this process gets the signal straight into its inbox,
+        # without the layer (a Redis round trip). Only answered calls: before the answer
+        # signals go to every session of the callee through the layer, and a direct
+        # signal must not overtake one of those. Other call events keep to the layer;
+        # signals follow them in practice (a caller's offer waits for call_accepted).
+        peer = self.runtime.sessions.get(call.peer_channel) if call.answered else None
+        if peer is not None:
+            peer.deliver(event)
+        else:
+            await self.tell_peer(call, event)
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        """Queue an event from this process for this consumer, as the layer would."""
+        try:
+            self.inbox.put_nowait(event)
+        except asyncio.QueueFull:
+            raise ChannelFull(self.channel_name) from None
 
     async def tell_peer(self, call: LiveCall, event: dict[str, Any]) -> None:
         """Send a layer event to the other party of a call: its session, or all its sessions."""
@@ -593,7 +615,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             lambda: loop.create_task(self.channel_layer.send(self.channel_name, expire)),
         )
         logger.info(
-            "session %s (%s) dropped (code %s); held for resume", self.channel_name, self.session.username, code
+            "session dropped; held for resume",
+            extra={"session": self.channel_name, "user": self.session.username, "code": code},
         )
 
     async def hold_event(self, event: dict[str, Any]) -> None:
@@ -606,10 +629,10 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             self.held_timer.cancel()
             await self.channel_layer.send(event["reply_to"], handover_event(self, list(self.held), self.held_dropped))
             self.runtime.sessions.pop(self.channel_name, None)
-            logger.info("session %s handed over to %s", self.channel_name, event["reply_to"])
+            logger.info("session handed over", extra={"session": self.channel_name, "to": event["reply_to"]})
             raise StopConsumer()
         if kind == "session.expire":
-            logger.info("session %s: resume grace ran out", self.channel_name)
+            logger.info("resume grace ran out", extra={"session": self.channel_name})
             self.held = None
             await self.end_session(event["code"])
             raise StopConsumer()
@@ -654,11 +677,13 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.runtime.sessions.pop(self.channel_name, None)
         metrics.session_closed()
         logger.info(
-            "session %s (%s) parked for %.0f s with %d call(s)",
-            self.channel_name,
-            self.session.username,
-            grace,
-            len(self.calls),
+            "session parked for another process",
+            extra={
+                "session": self.channel_name,
+                "user": self.session.username,
+                "grace_s": round(grace, 1),
+                "calls": len(self.calls),
+            },
         )
 
     async def end_session(self, code: int) -> None:
@@ -673,7 +698,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             await self.runtime.notify_call_ended(record)
         if went_offline:
             await self.runtime.presence_changed()
-        logger.info("session %s (%s) disconnected with code %s", self.channel_name, username, code)
+        logger.info("session ended", extra={"session": self.channel_name, "user": username, "code": code})
 
 
 def _end_calls_after_disconnect(channel: str, username: str, went_offline: bool) -> list[CallRecord]:

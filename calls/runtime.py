@@ -139,7 +139,7 @@ class Runtime:
                 loop.create_task(self._reap()),
             ]
             self._started = True
-        logger.info("runtime %s started (pid %s)", self.process_id, os.getpid())
+        logger.info("runtime started", extra={"runtime": self.process_id, "pid": os.getpid()})
 
     async def stop(self) -> None:
         """Cancel the background jobs (tests and shutdown)."""
@@ -166,10 +166,8 @@ class Runtime:
         carry = self.store.shared and settings.SIGNALING_RESUME_GRACE > 0
         consumers = dict(self.consumers)
         logger.info(
-            "runtime %s draining: %d connection(s), %s",
-            self.process_id,
-            len(consumers),
-            "resumable sessions parked for other processes" if carry else "sessions end here",
+            "runtime draining",
+            extra={"runtime": self.process_id, "connections": len(consumers), "carry_calls": carry},
         )
         for consumer in consumers:
             with contextlib.suppress(TimeoutError):  # a consumer stuck that long is cancelled below
@@ -177,13 +175,15 @@ class Runtime:
         if consumers:
             _, late = await asyncio.wait(consumers.values(), timeout=timeout)
             if late:
-                logger.warning("runtime %s: %d connection(s) did not close in time", self.process_id, len(late))
+                logger.warning(
+                    "connections did not close in time", extra={"runtime": self.process_id, "count": len(late)}
+                )
         # Other processes must hear of the users who went offline.
         if self._announce_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._announce_task, timeout=max(1.0, 4 * self.hub.window))
         await self.stop()
-        logger.info("runtime %s drained", self.process_id)
+        logger.info("runtime drained", extra={"runtime": self.process_id})
 
     # --- Presence ------------------------------------------------------
 
@@ -209,9 +209,8 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001 - the layer's errors depend on its backend
                 if not failing:
                     logger.warning(
-                        "runtime %s: could not tell other processes of a presence change (%s); retrying",
-                        self.process_id,
-                        exc,
+                        "presence change not announced; retrying",
+                        extra={"runtime": self.process_id, "error": repr(exc)},
                     )
                 failing = True
                 # Until it gets through, the other processes' lists miss this change.
@@ -228,7 +227,9 @@ class Runtime:
                 raise
             except Exception as exc:  # noqa: BLE001 - the layer's errors depend on its backend
                 if not failing:
-                    logger.warning("runtime %s: presence listener failed (%s); retrying", self.process_id, exc)
+                    logger.warning(
+                        "presence listener failed; retrying", extra={"runtime": self.process_id, "error": repr(exc)}
+                    )
                 failing = True
                 await asyncio.sleep(1)
                 continue
@@ -249,14 +250,15 @@ class Runtime:
                 # After a store restart every lease is missing: the watch restores those.
                 if missing and await self._store_unchanged():
                     logger.warning(
-                        "runtime %s: %d session lease(s) had lapsed; joining them again", self.process_id, len(missing)
+                        "session leases had lapsed; joining again",
+                        extra={"runtime": self.process_id, "count": len(missing)},
                     )
                     await self._rejoin([self.sessions[c] for c in missing if c in self.sessions])
                     await self.presence_changed()
             except StoreUnavailable as exc:
                 self._store_unreachable(exc)
             except Exception:
-                logger.exception("runtime %s: lease renewal failed", self.process_id)
+                logger.exception("lease renewal failed", extra={"runtime": self.process_id})
 
     async def _rejoin(self, consumers: list[SignalingConsumer]) -> None:
         """Write these sessions' leases again; close the ones whose username went to another user_id."""
@@ -264,7 +266,10 @@ class Runtime:
         refused = await self.store.restore(sessions, settings.SIGNALING_MAX_SESSIONS_PER_USER, self.lease_seconds)
         for session, exc in refused:
             consumer = self.sessions.get(session.channel)
-            logger.warning("session %s (%s) cannot be listed again: %s", session.channel, session.username, exc.code)
+            logger.warning(
+                "session cannot be listed again",
+                extra={"session": session.channel, "user": session.username, "code": exc.code},
+            )
             if consumer is not None:
                 with contextlib.suppress(Exception):
                     await consumer.send_error(exc.code, exc.message)
@@ -280,7 +285,9 @@ class Runtime:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("runtime %s: restoring state after a Redis restart failed; retrying", self.process_id)
+                logger.exception(
+                    "restoring state after a Redis restart failed; retrying", extra={"runtime": self.process_id}
+                )
 
     async def _check_store(self) -> None:
         """Restore this process's state if the store lost its data since the last check."""
@@ -307,9 +314,8 @@ class Runtime:
     async def _restore_after_store_loss(self) -> None:
         """Re-subscribe, re-add every local session to its user group, and write the leases again."""
         logger.warning(
-            "runtime %s: the presence store lost its data (Redis restarted?); restoring %d session(s)",
-            self.process_id,
-            len(self.sessions),
+            "presence store lost its data (Redis restarted?); restoring",
+            extra={"runtime": self.process_id, "sessions": len(self.sessions)},
         )
         # Sessions are listed again only once the layer can reach them: a caller who
         # sees them may signal them straight away.
@@ -324,7 +330,7 @@ class Runtime:
                 await self.layer.group_add(user_group(consumer.session.username), consumer.channel_name)
         await self._rejoin(consumers)
         await self.presence_changed()
-        logger.info("runtime %s: state restored after the presence store came back", self.process_id)
+        logger.info("state restored after the presence store came back", extra={"runtime": self.process_id})
 
     async def _layer_delivers(self) -> None:
         """Return once a message sent to this process's channel comes back through the layer.
@@ -349,12 +355,14 @@ class Runtime:
 
     def _store_unreachable(self, exc: Exception) -> None:
         if not self._store_down:
-            logger.warning("runtime %s: presence store unreachable (%s); retrying", self.process_id, exc)
+            logger.warning(
+                "presence store unreachable; retrying", extra={"runtime": self.process_id, "error": repr(exc)}
+            )
         self._store_down = True
 
     def _store_reachable(self) -> None:
         if self._store_down:
-            logger.info("runtime %s: presence store reachable again", self.process_id)
+            logger.info("presence store reachable again", extra={"runtime": self.process_id})
         self._store_down = False
 
     # --- Calls ---------------------------------------------------------
@@ -390,14 +398,14 @@ class Runtime:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("runtime %s: reaper failed", self.process_id)
+                logger.exception("reaper failed", extra={"runtime": self.process_id})
 
     async def reap_once(self) -> None:
         """Expire dead leases and end their calls, then end overdue calls and calls whose party vanished."""
         ended = []
         expired = await self.store.expire()
         if expired:
-            logger.info("runtime %s: %d session lease(s) expired", self.process_id, len(expired))
+            logger.info("session leases expired", extra={"runtime": self.process_id, "count": len(expired)})
             online = {user["username"] for user in await self.store.online_users()}
             ended += await database_sync_to_async(_end_calls_of_lost_sessions)(expired, online)
             await self.presence_changed()
@@ -445,7 +453,7 @@ class Runtime:
         try:
             await send()
         except Exception as exc:  # noqa: BLE001 - the layer's errors depend on its backend
-            logger.warning("call %s: could not deliver its end (%s); retrying", call_id, exc)
+            logger.warning("call end not delivered; retrying", extra={"call": call_id, "error": repr(exc)})
             task = asyncio.get_running_loop().create_task(self._retry_delivery(send, call_id))
             self._retries.add(task)
             task.add_done_callback(self._retries.discard)
@@ -458,7 +466,9 @@ class Runtime:
                 return
             except Exception:  # noqa: BLE001, S112 - tried again after the next delay
                 continue
-        logger.error("call %s: gave up delivering its end after %d attempts", call_id, len(DELIVERY_RETRY_DELAYS) + 1)
+        logger.error(
+            "gave up delivering a call end", extra={"call": call_id, "attempts": len(DELIVERY_RETRY_DELAYS) + 1}
+        )
 
     async def send_to_session(self, channel: str, event: dict[str, Any]) -> None:
         """Send a layer event to one session's channel (through the layer, to keep order)."""

@@ -60,7 +60,7 @@ def install() -> None:
         async def drain() -> None:
             for port in server.__dict__.get("ports", []):
                 port.stopListening()
-            logger.info("SIGTERM: stopped listening; draining")
+            logger.info("SIGTERM: stopped listening; draining", extra={"ports": len(server.__dict__.get("ports", []))})
             try:
                 await drain_runtimes()
             except Exception:

@@ -94,5 +94,5 @@ async def ice_servers(request: HttpRequest) -> JsonResponse:
         username = await _registered_user(request)
         if username is None:
             return _refused(403, "forbidden", "Register first; then pass your username and user_id")
-    logger.debug("ICE servers handed to %s", username)
+    logger.debug("ICE servers handed out", extra={"user": username})
     return _no_store(JsonResponse({"ice_servers": ice_servers_for(username)}))

@@ -47,7 +47,7 @@ async def test_one_process_closes_every_socket_with_1012_and_ends_its_calls(tmp_
             (call_id.replace("-", ""), "completed", "disconnected")
         ]
         logs = server.logs()
-        assert "stopped listening" in logs and "drained" in logs
+        assert 'msg="SIGTERM: stopped listening; draining"' in logs and 'msg="runtime drained"' in logs
         assert "took too long to shut down" not in logs and "Exception inside application" not in logs
 
 
