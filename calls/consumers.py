@@ -31,7 +31,7 @@ from calls.protocol import ProtocolError
 from calls.resume import handover_event, make_token, read_token
 from calls.runtime import CLOSE_SERVICE_RESTART, Runtime, user_group
 from calls.security import TokenInvalid, new_bucket, verify_token
-from calls.states import EndReason
+from calls.states import CallStatus, EndReason
 
 logger = logging.getLogger(__name__)
 
@@ -322,10 +322,13 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.register_deadline.cancel()
         self.runtime.sessions[self.channel_name] = self
         await self.channel_layer.group_add(user_group(session.username), self.channel_name)
-        await database_sync_to_async(lifecycle.move_session)(old_channel, self.channel_name)
+        known = [LiveCall(**call) for call in event["calls"]]
+        records = await database_sync_to_async(lifecycle.move_session)(
+            old_channel, self.channel_name, [call.call_id for call in known]
+        )
         await self.runtime.store.leave(old_channel)
         await self.channel_layer.group_discard(user_group(session.username), old_channel)
-        self.calls = {call["call_id"]: LiveCall(**call) for call in event["calls"]}
+        self.calls, missed = reconcile(known, records, old_channel, self.channel_name)
         self.resume_token, self.resume_nonce = make_token(self.channel_name, session.username, session.user_id)
         logger.info(
             "session resumed",
@@ -359,6 +362,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
                     "channel": self.channel_name,
                 },
             )
+        for notice in missed:  # what happened to its calls while no socket could be told
+            await self.send_json(notice)
         for queued in event["queued"]:
             await self.dispatch(queued)
         if event["dropped"]:
@@ -699,6 +704,46 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if went_offline:
             await self.runtime.presence_changed()
         logger.info("session ended", extra={"session": self.channel_name, "user": username, "code": code})
+
+
+def reconcile(
+    known: list[LiveCall], records: dict[str, CallRecord], old_channel: str, new_channel: str
+) -> tuple[dict[str, LiveCall], list[dict[str, Any]]]:
+    """Bring a taken-over session's calls up to date with the database.
+
+    Events sent to the old channel after its process shut down are lost: a call
+    may have been answered, answered on another device, or ended meanwhile.
+    Return the calls still live for this session, and the messages its client missed.
+    """
+    calls: dict[str, LiveCall] = {}
+    missed: list[dict[str, Any]] = []
+    for call in known:
+        record = records.get(call.call_id)
+        if record is None or record.status not in (CallStatus.RINGING, CallStatus.ANSWERED):
+            reason = record.end_reason if record is not None else EndReason.DISCONNECTED
+            if call.is_caller and reason == EndReason.REJECTED:
+                missed.append(
+                    {
+                        "type": protocol.CALL_REJECTED,
+                        "rejecter_username": call.peer_username,
+                        "call_id": call.call_id,
+                        "reason": reason,
+                    }
+                )
+            else:
+                missed.append(protocol.call_ended(call.peer_username, call.call_id, reason))
+            continue
+        if record.status == CallStatus.ANSWERED and not call.answered:
+            if call.is_caller:
+                call.answered, call.peer_channel = True, record.callee_channel
+                missed.append(
+                    {"type": protocol.CALL_ACCEPTED, "accepter_username": call.peer_username, "call_id": call.call_id}
+                )
+            elif record.callee_channel not in (old_channel, new_channel):
+                missed.append(protocol.call_ended(call.peer_username, call.call_id, "answered_elsewhere"))
+                continue
+        calls[call.call_id] = call
+    return calls, missed
 
 
 def _end_calls_after_disconnect(channel: str, username: str, went_offline: bool) -> list[CallRecord]:

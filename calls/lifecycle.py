@@ -217,11 +217,17 @@ def calls_of_session(session: str) -> list[str]:
     ]
 
 
-def move_session(old: str, new: str) -> None:
-    """Point the live calls of a resumed session at its new channel."""
+def move_session(old: str, new: str, call_ids: Iterable[str]) -> dict[str, CallRecord]:
+    """Point the live calls of a resumed session at its new channel.
+
+    Return the current state of the calls the session knew of (`call_ids`),
+    which may have been answered or ended while it was away.
+    """
     with transaction.atomic():
         Call.objects.live().filter(caller_channel=old).update(caller_channel=new)
         Call.objects.live().filter(callee_channel=old).update(callee_channel=new)
+        calls = Call.objects.filter(pk__in=list(call_ids)).select_related("caller", "callee")
+        return {str(call.id): CallRecord.of(call) for call in calls}
 
 
 def ringing_calls_to(username: str) -> list[str]:

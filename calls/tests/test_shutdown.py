@@ -11,7 +11,7 @@ import pytest
 import websockets
 
 from calls.tests.servers import daphne_server
-from calls.tests.test_multiprocess import TIMEOUT, Peer, answered_call, peers, start_cluster  # noqa: F401
+from calls.tests.test_multiprocess import TIMEOUT, Peer, answered_call, peers, ring, start_cluster  # noqa: F401
 
 SERVICE_RESTART = 1012
 
@@ -63,10 +63,17 @@ async def test_a_resumable_call_moves_to_another_process_and_a_v1_call_ends(tmp_
         dave = await peers(cluster.b, "dave")
         carried = await answered_call(alice, bob)
         dropped = await answered_call(carol, dave)
+        # frank's call is still ringing when his process goes; gina answers meanwhile.
+        frank = await peers(cluster.a)
+        frank.name = "frank"
+        frank_token = (await frank.register("frank", "id-frank", resume=True))["resume_token"]
+        gina = await peers(cluster.b, "gina")
+        ringing = await ring(frank, [gina], "gina")
 
         cluster.a.proc.send_signal(signal.SIGTERM)
         assert await closed_with(alice) == SERVICE_RESTART
         assert await closed_with(carol) == SERVICE_RESTART
+        assert await closed_with(frank) == SERVICE_RESTART
         reconnecting = await bob.expect("peer_reconnecting")
         assert (reconnecting["username"], reconnecting["call_id"]) == ("alice", carried)
         ended = await dave.expect("call_ended")
@@ -89,6 +96,23 @@ async def test_a_resumable_call_moves_to_another_process_and_a_v1_call_ends(tmp_
         assert (relayed["from_username"], relayed["data"], relayed["call_id"]) == ("alice", candidate, carried)
         await bob.send({"type": "ice_candidate", "target_username": "alice", "data": candidate})
         assert (await again.expect("ice_candidate"))["from_username"] == "bob"
+
+        # The answer to frank's call went to his old socket's channel, gone with its
+        # process: the resumed session learns it from the database.
+        assert (await gina.expect("peer_reconnecting"))["call_id"] == ringing
+        await gina.send({"type": "call_accepted", "call_id": ringing})
+        frank_again = await peers(cluster.b)
+        frank_again.name = "frank"
+        resumed = await frank_again.register("frank", "id-frank", resume_token=frank_token)
+        assert resumed["calls"] == [{"call_id": ringing, "peer_username": "gina", "status": "answered"}]
+        accepted = await frank_again.expect("call_accepted")
+        assert (accepted["call_id"], accepted["accepter_username"]) == (ringing, "gina")
+        assert (await gina.expect("peer_reconnected"))["call_id"] == ringing
+        await frank_again.send({"type": "offer", "target_username": "gina", "data": {"type": "offer", "sdp": "v=0"}})
+        assert (await gina.expect("offer"))["call_id"] == ringing
+        await gina.send({"type": "answer", "target_username": "frank", "data": {"type": "answer", "sdp": "v=0"}})
+        assert (await frank_again.expect("answer"))["from_username"] == "gina"
+        assert cluster.call_row(ringing) == ("answered", None)
 
         # The parked state was taken once: the same token cannot take it again.
         thief = await peers(cluster.b)
