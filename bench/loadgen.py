@@ -113,9 +113,12 @@ class Pair:
     prefix: str
 
 
-async def signaling_pair(url: str, a: str, b: str, index: int) -> Pair:
-    """Register two users and put them in an answered call (this server's protocol)."""
-    wa, wb = await open_socket(url, index), await open_socket(url, index + 1)
+async def signaling_pair(url: str, a: str, b: str, index: int, url_b: str | None = None) -> Pair:
+    """Register two users and put them in an answered call (this server's protocol).
+
+    With `url_b`, b connects to that server: the pair's messages cross between processes.
+    """
+    wa, wb = await open_socket(url, index), await open_socket(url_b or url, index + 1)
     await register(wa, a)
     await register(wb, b)
     await wa.send(encode({"type": "call_request", "target_username": b}))
@@ -129,7 +132,7 @@ async def signaling_pair(url: str, a: str, b: str, index: int) -> Pair:
     return Pair(wa, wb, candidate_to(b), candidate_to(a), '{"type":"ice_candidate"')
 
 
-async def peerjs_pair(url: str, a: str, b: str, index: int) -> Pair:
+async def peerjs_pair(url: str, a: str, b: str, index: int, url_b: str | None = None) -> Pair:
     """Connect two PeerJS peers (ids a and b); messages go {type: CANDIDATE, dst, payload}."""
     sockets = []
     for offset, peer in enumerate((a, b)):
@@ -144,7 +147,7 @@ async def peerjs_pair(url: str, a: str, b: str, index: int) -> Pair:
     return Pair(sockets[0], sockets[1], candidate_to(b), candidate_to(a), '{"type":"CANDIDATE"')
 
 
-PAIR_MAKERS: dict[str, Callable[[str, str, str, int], Awaitable[Pair]]] = {
+PAIR_MAKERS: dict[str, Callable[[str, str, str, int, str | None], Awaitable[Pair]]] = {
     "signaling": signaling_pair,
     "peerjs": peerjs_pair,
 }
@@ -154,7 +157,7 @@ async def make_pairs(spec: dict[str, Any]) -> list[Pair]:
     maker = PAIR_MAKERS[spec["kind"]]
     prefix = spec["prefix"]
     return await asyncio.gather(
-        *(maker(spec["url"], f"{prefix}a{i}", f"{prefix}b{i}", 2 * i) for i in range(spec["pairs"]))
+        *(maker(spec["url"], f"{prefix}a{i}", f"{prefix}b{i}", 2 * i, spec.get("url_b")) for i in range(spec["pairs"]))
     )
 
 

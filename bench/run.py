@@ -124,15 +124,15 @@ def run_configuration(
     """Every measurement of our server in one configuration."""
     results: dict[str, Any] = {}
 
+    shared: dict[str, str] = {}
+
     def server(**settings: str) -> Any:
         """A fresh daphne process, with a fresh database and (with Redis) no presence left from the last one."""
         if redis is not None:
             services.flush_redis(redis.port)
-        return services.daphne(
-            redis_url=f"redis://127.0.0.1:{redis.port}/0" if redis else "",
-            database_url=postgres.new_database() if postgres else "",
-            **settings,
-        )
+        shared["redis_url"] = f"redis://127.0.0.1:{redis.port}/0" if redis else ""
+        shared["database_url"] = postgres.new_database() if postgres else ""
+        return services.daphne(**shared, **settings)
 
     with server(SIGNALING_RATE=UNLIMITED_RATE) as daphne:
         url = f"ws://127.0.0.1:{daphne.port}/"
@@ -153,6 +153,27 @@ def run_configuration(
                 helper=redis,
             ),
         )
+        if redis is not None:
+            # The relay above keeps both parties on one process, where they skip Redis;
+            # here each pair spans two processes, so every message goes through Redis.
+            scenarios.wait_idle(daphne)
+            with services.daphne(**shared, SIGNALING_RATE=UNLIMITED_RATE) as second:
+                _measure(
+                    results,
+                    "relay_two_processes",
+                    daphne,
+                    lambda: scenarios.relay(
+                        daphne,
+                        "signaling",
+                        "x",
+                        plan.relay_pairs,
+                        plan.relay_window,
+                        plan.relay_workers,
+                        plan.relay_seconds,
+                        helper=redis,
+                        second=second,
+                    ),
+                )
         scenarios.wait_idle(daphne)
         _measure(
             results,

@@ -64,14 +64,26 @@ def relay(
     seconds: float,
     during: Callable[[float], subprocess.Popen] | None = None,
     helper: Process | None = None,
+    second: Process | None = None,
 ) -> dict[str, Any]:
     """Pairs ping-pong candidates flat out; messages relayed per second of server CPU.
 
     `helper` is a process the server relies on (redis-server): its CPU time over
-    the same window is reported too, and a figure with both.
+    the same window is reported too, and a figure with both. With `second` (a
+    server sharing the first one's Redis and database), each pair's second client
+    connects there, every message crosses between the processes, and the server
+    CPU is both processes'.
     """
+    servers = [server] if second is None else [server, second]
     specs = [
-        {"url": f"ws://127.0.0.1:{server.port}/", "kind": kind, "pairs": n, "window": window, "prefix": f"{prefix}{w}"}
+        {
+            "url": f"ws://127.0.0.1:{server.port}/",
+            "url_b": f"ws://127.0.0.1:{second.port}/" if second else None,
+            "kind": kind,
+            "pairs": n,
+            "window": window,
+            "prefix": f"{prefix}{w}",
+        }
         for w, n in enumerate(split(pairs, workers))
     ]
     with Workers("relay", specs) as gen:
@@ -80,11 +92,11 @@ def relay(
         stop_at = start_at + seconds
         gen.start({"start_at": start_at, "stop_at": stop_at})
         sleep_until(start_at)
-        cpu0 = server.cpu_seconds()
+        cpu0 = sum(s.cpu_seconds() for s in servers)
         helper0 = helper.cpu_seconds() if helper else 0.0
         side = during(seconds) if during else None
         sleep_until(stop_at)
-        cpu1 = server.cpu_seconds()
+        cpu1 = sum(s.cpu_seconds() for s in servers)
         helper_cpu = helper.cpu_seconds() - helper0 if helper else 0.0
         results = gen.done(timeout=seconds + 60)
         if side is not None:
