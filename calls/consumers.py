@@ -1,9 +1,13 @@
 """The WebSocket consumer: parse a frame, apply it through a service, send the result.
 
 Each socket is one session. A session knows the calls it is party to
-(`self.calls`), kept current by channel-layer events, so relaying offers,
-answers and candidates is a memory lookup and never touches the database.
-Layer event types are always set here, never taken from a client.
+(`self.calls`, see calls/session.py), kept current by channel-layer events, so
+relaying offers, answers and candidates is a memory lookup and never touches
+the database. Layer event types are always set here, never taken from a client.
+
+What keeps a session alive beyond its socket (holding it for a resume, handing
+it over to a new socket, parking it on a graceful shutdown, taking it over) is
+`ResumableSession` in calls/resume.py, which this consumer inherits.
 """
 
 from __future__ import annotations
@@ -13,8 +17,6 @@ import contextlib
 import functools
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -24,50 +26,29 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from calls import lifecycle, metrics, protocol
+from calls.groups import user_group
 from calls.ice import ice_servers_for
 from calls.lifecycle import CallRecord, CallRefused
 from calls.presence import JoinRefused, SessionInfo
-from calls.protocol import ProtocolError
-from calls.resume import handover_event, make_token, read_token
-from calls.runtime import CLOSE_SERVICE_RESTART, Runtime, user_group
+from calls.protocol import CLOSE_SERVICE_RESTART, ProtocolError
+from calls.resume import ResumableSession, make_token
+from calls.runtime import Runtime
 from calls.security import TokenInvalid, new_bucket, verify_token
-from calls.states import CallStatus, EndReason
+from calls.session import LiveCall
+from calls.states import EndReason
 
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_POLICY = 1008
-# Closes that mean the client left on purpose: its session ends at once, resume or not.
-CLEAN_CLOSE_CODES = (1000, 1001)
-# Seconds to wait for the holder of a dropped session to answer a resume.
-RESUME_REPLY_TIMEOUT = 2.0
-RESUME_ATTEMPTS = 4
 # Refused frames in a row (after rate limiting) before a flooding client is cut off.
 FLOOD_STRIKES = 20
 # Events read ahead from the socket and the channel layer, waiting for dispatch.
 INBOX_LIMIT = 256
 
 
-@dataclass(slots=True)
-class LiveCall:
-    """This session's view of a call it is party to."""
-
-    call_id: str
-    peer_username: str
-    is_caller: bool
-    # Where the other party's signaling goes: one session, or (before the answer,
-    # from the caller) every session of the callee.
-    peer_channel: str = ""
-    answered: bool = False
-
-
-class SignalingConsumer(AsyncWebsocketConsumer):
+class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
     """One client socket speaking the v1 protocol and its additions."""
-
-    # While the socket is gone and the session is held for a resume: what arrives for it.
-    held: deque[dict[str, Any]] | None = None
-    # Closed with 1012 for a shutdown, waiting for the client's close.
-    draining = False
 
     async def connect(self) -> None:
         await self.runtime.start()
@@ -262,114 +243,6 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if self.resume_token is not None:
             reply["resume_token"] = self.resume_token
         await self.send_json({**reply, **extra})
-
-    async def request_resume(self, message: protocol.Register, username: str) -> None:
-        """Ask the holder of a dropped session to hand it over to this socket."""
-        found = read_token(message.resume_token, username, message.user_id)
-        if found is None or self.pending_resume is not None:
-            raise ProtocolError(protocol.RESUME_FAILED, "That resume token is not valid for you")
-        old_channel, nonce = found
-        # Parked by a process that shut down (it is gone), or held by a live consumer somewhere.
-        parked = await self.runtime.store.claim_parked(old_channel, nonce)
-        if parked is not None:
-            await self.take_over(parked)
-            return
-        self.pending_resume = asyncio.get_running_loop().create_task(self._ask_holder(old_channel, nonce))
-
-    async def _ask_holder(self, old_channel: str, nonce: str) -> None:
-        # Asked more than once: a request that lands while the dropped consumer is
-        # still winding down can be taken by its last, cancelled receive and lost.
-        request = {"type": "session.resume", "nonce": nonce, "reply_to": self.channel_name}
-        for _ in range(RESUME_ATTEMPTS):
-            await self.channel_layer.send(old_channel, request)
-            await asyncio.sleep(RESUME_REPLY_TIMEOUT / RESUME_ATTEMPTS)
-        self.pending_resume = None
-        await self.send_error(protocol.RESUME_FAILED, "The session cannot be resumed; register afresh")
-
-    async def session_resume(self, event: dict[str, Any]) -> None:
-        """The client is back on a new socket before this one noticed the drop: hand over now."""
-        if self.session is None or event.get("nonce") != self.resume_nonce:
-            await self.channel_layer.send(event["reply_to"], {"type": "session.refused"})
-            return
-        self.runtime.hub.unlisten(self.channel_name)
-        await self.channel_layer.send(event["reply_to"], handover_event(self, [], 0))
-        self.runtime.sessions.pop(self.channel_name, None)
-        logger.info("session handed over", extra={"session": self.channel_name, "to": event["reply_to"]})
-        self.session = None
-        await self.close()
-
-    async def session_refused(self, event: dict[str, Any]) -> None:
-        if self.pending_resume is None:
-            return
-        self.pending_resume.cancel()
-        self.pending_resume = None
-        await self.send_error(protocol.RESUME_FAILED, "The session cannot be resumed; register afresh")
-
-    async def session_handover(self, event: dict[str, Any]) -> None:
-        if self.pending_resume is None or self.session is not None:
-            return
-        self.pending_resume.cancel()
-        self.pending_resume = None
-        await self.take_over(event)
-
-    async def take_over(self, event: dict[str, Any]) -> None:
-        """Take over a held or parked session: its presence, its calls and what was queued for it."""
-        old_channel = event["old_channel"]
-        session = SessionInfo(self.channel_name, event["username"], event["user_id"])
-        # Join before the old lease goes, so the user never blinks offline.
-        await self.runtime.store.join(session, settings.SIGNALING_MAX_SESSIONS_PER_USER + 1, self.runtime.lease_seconds)
-        self.session = session
-        self.register_deadline.cancel()
-        self.runtime.sessions[self.channel_name] = self
-        await self.channel_layer.group_add(user_group(session.username), self.channel_name)
-        known = [LiveCall(**call) for call in event["calls"]]
-        records = await database_sync_to_async(lifecycle.move_session)(
-            old_channel, self.channel_name, [call.call_id for call in known]
-        )
-        await self.runtime.store.leave(old_channel)
-        await self.channel_layer.group_discard(user_group(session.username), old_channel)
-        self.calls, missed = reconcile(known, records, old_channel, self.channel_name)
-        self.resume_token, self.resume_nonce = make_token(self.channel_name, session.username, session.user_id)
-        logger.info(
-            "session resumed",
-            extra={
-                "session": self.channel_name,
-                "user": session.username,
-                "from": old_channel,
-                "calls": len(self.calls),
-            },
-        )
-        await self.send_registered(
-            resumed=True,
-            calls=[
-                {
-                    "call_id": call.call_id,
-                    "peer_username": call.peer_username,
-                    "status": "answered" if call.answered else "ringing",
-                }
-                for call in self.calls.values()
-            ],
-        )
-        self.delta_presence = event["delta"]
-        self.runtime.hub.listen(self.channel_name, self.send_text, self.delta_presence)
-        for call in self.calls.values():
-            await self.tell_peer(
-                call,
-                {
-                    "type": "call.peer_moved",
-                    "call_id": call.call_id,
-                    "username": session.username,
-                    "channel": self.channel_name,
-                },
-            )
-        for notice in missed:  # what happened to its calls while no socket could be told
-            await self.send_json(notice)
-        for queued in event["queued"]:
-            await self.dispatch(queued)
-        if event["dropped"]:
-            await self.send_error(
-                protocol.RESUME_OVERFLOW, f"{event['dropped']} messages sent while you were away were lost"
-            )
 
     async def request_call(self, message: protocol.CallRequest) -> None:
         me, target = self.session.username, message.target_username
@@ -593,104 +466,6 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.runtime.hub.unlisten(self.channel_name)
         await self.end_session(code)
 
-    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
-        code = message.get("code", 1006)
-        if getattr(self, "session", None) is not None and self.resume_token is not None:
-            if code not in CLEAN_CLOSE_CODES:
-                await self.hold(code)
-                return  # this consumer lives on, holding the session, until resumed or expired
-        await super().websocket_disconnect(message)
-
-    async def hold(self, code: int) -> None:
-        """The socket dropped: keep the session for a resume instead of ending it."""
-        self.register_deadline.cancel()
-        metrics.connection_closed()
-        self.counted = False
-        self.runtime.hub.unlisten(self.channel_name)
-        self.held = deque()
-        for call in self.calls.values():
-            await self.tell_peer(
-                call, {"type": "call.peer_reconnecting", "call_id": call.call_id, "username": self.session.username}
-            )
-        loop = asyncio.get_running_loop()
-        expire = {"type": "session.expire", "code": code}
-        self.held_until = loop.time() + settings.SIGNALING_RESUME_GRACE
-        self.held_timer = loop.call_later(
-            settings.SIGNALING_RESUME_GRACE,
-            lambda: loop.create_task(self.channel_layer.send(self.channel_name, expire)),
-        )
-        logger.info(
-            "session dropped; held for resume",
-            extra={"session": self.channel_name, "user": self.session.username, "code": code},
-        )
-
-    async def hold_event(self, event: dict[str, Any]) -> None:
-        """Queue what arrives for a held session; hand it over or end it when the time comes."""
-        kind = event["type"]
-        if kind == "session.resume":
-            if event.get("nonce") != self.resume_nonce:
-                await self.channel_layer.send(event["reply_to"], {"type": "session.refused"})
-                return
-            self.held_timer.cancel()
-            await self.channel_layer.send(event["reply_to"], handover_event(self, list(self.held), self.held_dropped))
-            self.runtime.sessions.pop(self.channel_name, None)
-            logger.info("session handed over", extra={"session": self.channel_name, "to": event["reply_to"]})
-            raise StopConsumer()
-        if kind == "session.expire":
-            logger.info("resume grace ran out", extra={"session": self.channel_name})
-            self.held = None
-            await self.end_session(event["code"])
-            raise StopConsumer()
-        if kind == "server.drain":
-            self.held_timer.cancel()
-            if event["carry"]:
-                grace = self.held_until - asyncio.get_running_loop().time()
-                await self.park(list(self.held), self.held_dropped, max(grace, 1.0))
-            else:
-                await self.end_session(CLOSE_SERVICE_RESTART)
-            raise StopConsumer()
-        if kind.startswith("websocket."):
-            return
-        if len(self.held) >= settings.SIGNALING_RESUME_QUEUE_LIMIT:
-            self.held_dropped += 1
-        else:
-            self.held.append(event)
-
-    async def server_drain(self, event: dict[str, Any]) -> None:
-        """The process is shutting down: park or end the session, and send the client elsewhere."""
-        self.register_deadline.cancel()
-        if self.session is not None:
-            self.runtime.hub.unlisten(self.channel_name)
-            if event["carry"] and self.resume_token is not None:
-                for call in self.calls.values():
-                    await self.tell_peer(
-                        call,
-                        {"type": "call.peer_reconnecting", "call_id": call.call_id, "username": self.session.username},
-                    )
-                await self.park([], 0, settings.SIGNALING_RESUME_GRACE)
-            else:
-                await self.end_session(CLOSE_SERVICE_RESTART)
-            self.session = None
-        # The consumer ends when the client answers the close (or daphne gives up on it).
-        self.draining = True
-        await self.close(code=CLOSE_SERVICE_RESTART)
-
-    async def park(self, queued: list[dict[str, Any]], dropped: int, grace: float) -> None:
-        """Leave the session in the shared store for a socket on another process to resume."""
-        state = {**handover_event(self, queued, dropped), "nonce": self.resume_nonce}
-        await self.runtime.store.park(self.channel_name, state, grace)
-        self.runtime.sessions.pop(self.channel_name, None)
-        metrics.session_closed()
-        logger.info(
-            "session parked for another process",
-            extra={
-                "session": self.channel_name,
-                "user": self.session.username,
-                "grace_s": round(grace, 1),
-                "calls": len(self.calls),
-            },
-        )
-
     async def end_session(self, code: int) -> None:
         """End this session for good: presence, group, and the calls it held."""
         metrics.session_closed()
@@ -704,46 +479,6 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if went_offline:
             await self.runtime.presence_changed()
         logger.info("session ended", extra={"session": self.channel_name, "user": username, "code": code})
-
-
-def reconcile(
-    known: list[LiveCall], records: dict[str, CallRecord], old_channel: str, new_channel: str
-) -> tuple[dict[str, LiveCall], list[dict[str, Any]]]:
-    """Bring a taken-over session's calls up to date with the database.
-
-    Events sent to the old channel after its process shut down are lost: a call
-    may have been answered, answered on another device, or ended meanwhile.
-    Return the calls still live for this session, and the messages its client missed.
-    """
-    calls: dict[str, LiveCall] = {}
-    missed: list[dict[str, Any]] = []
-    for call in known:
-        record = records.get(call.call_id)
-        if record is None or record.status not in (CallStatus.RINGING, CallStatus.ANSWERED):
-            reason = record.end_reason if record is not None else EndReason.DISCONNECTED
-            if call.is_caller and reason == EndReason.REJECTED:
-                missed.append(
-                    {
-                        "type": protocol.CALL_REJECTED,
-                        "rejecter_username": call.peer_username,
-                        "call_id": call.call_id,
-                        "reason": reason,
-                    }
-                )
-            else:
-                missed.append(protocol.call_ended(call.peer_username, call.call_id, reason))
-            continue
-        if record.status == CallStatus.ANSWERED and not call.answered:
-            if call.is_caller:
-                call.answered, call.peer_channel = True, record.callee_channel
-                missed.append(
-                    {"type": protocol.CALL_ACCEPTED, "accepter_username": call.peer_username, "call_id": call.call_id}
-                )
-            elif record.callee_channel not in (old_channel, new_channel):
-                missed.append(protocol.call_ended(call.peer_username, call.call_id, "answered_elsewhere"))
-                continue
-        calls[call.call_id] = call
-    return calls, missed
 
 
 def _end_calls_after_disconnect(channel: str, username: str, went_offline: bool) -> list[CallRecord]:

@@ -60,6 +60,11 @@ RESUME_FAILED = "resume_failed"
 RESUME_OVERFLOW = "resume_overflow"
 INTERNAL_ERROR = "internal_error"
 
+# WebSocket close code that tells a client to reconnect: on a shutdown (to another
+# process), or when its session cannot be listed again after the presence store
+# lost it (its username went to someone else meanwhile).
+CLOSE_SERVICE_RESTART = 1012
+
 USERNAME_MAX = 64
 USER_ID_MAX = 128
 TOKEN_MAX = 4096

@@ -5,8 +5,10 @@ first connection and runs four background jobs: a listener for presence
 changes made by other processes, lease renewal for this process's sessions, a
 watch on the presence store that restores this process's state after Redis
 lost it (a restart), and a reaper that expires the leases of dead processes and
-ends overdue and orphaned calls. Call-event delivery over the channel layer is
-here too, so the consumer and the reaper notify parties the same way.
+ends overdue and orphaned calls. Lease renewal and the store watch are
+`LeaseKeeper` (calls/leases.py), which `Runtime` inherits. Call-event delivery
+over the channel layer is here too, so the consumer and the reaper notify
+parties the same way.
 
 Timing, from SIGNALING_PRESENCE_TTL (T): a lease lasts 2T/3 and is renewed
 every T/4; the reaper sweeps at least every T/3. A process that dies stops
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import uuid
@@ -32,8 +33,11 @@ from django.conf import settings
 from django.utils import timezone
 
 from calls import lifecycle
+from calls.groups import PRESENCE_GROUP, user_group
+from calls.leases import STORE_WATCH_INTERVAL, LeaseKeeper
 from calls.lifecycle import CallRecord
 from calls.presence import MemoryPresenceStore, PresenceHub, PresenceStore, SessionInfo, StoreUnavailable
+from calls.protocol import CLOSE_SERVICE_RESTART
 from calls.states import CallStatus, EndReason
 
 if TYPE_CHECKING:
@@ -41,22 +45,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PRESENCE_GROUP = "presence"
-# WebSocket close code for a session that cannot be listed again after the store
-# lost it (its username went to someone else meanwhile): the client reconnects.
-CLOSE_SERVICE_RESTART = 1012
-# Seconds between checks that the presence store still holds this process's data.
-STORE_WATCH_INTERVAL = 1.0
+# CLOSE_SERVICE_RESTART, PRESENCE_GROUP and user_group live in calls/protocol.py and calls/groups.py.
+__all__ = ["CLOSE_SERVICE_RESTART", "PRESENCE_GROUP", "Runtime", "make_store", "user_group"]
+
 # Seconds between attempts to deliver a call's end while the channel layer is down.
 DELIVERY_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
-# Seconds to wait for the channel layer to deliver to this process again after a Redis restart.
-LAYER_PROBE_TIMEOUT = 10.0
 RING_DEADLINE_MARGIN = timedelta(milliseconds=50)
-
-
-def user_group(username: str) -> str:
-    """Return the channel-layer group of a user's sessions (safe for any username)."""
-    return "user." + hashlib.sha256(username.encode()).hexdigest()[:40]
 
 
 def make_store() -> PresenceStore:
@@ -67,7 +61,7 @@ def make_store() -> PresenceStore:
     return MemoryPresenceStore()
 
 
-class Runtime:
+class Runtime(LeaseKeeper):
     """Process-wide state and background jobs, bound to one event loop."""
 
     _instances: dict[asyncio.AbstractEventLoop, Runtime] = {}
@@ -240,130 +234,6 @@ class Runtime:
                 arrived = self._probes.get(event.get("token", ""))
                 if arrived is not None and not arrived.done():
                     arrived.set_result(None)
-
-    async def _renew_leases(self) -> None:
-        while True:
-            await asyncio.sleep(self._renew_interval)
-            try:
-                missing = await self.store.renew(list(self.sessions), self.lease_seconds)
-                self._store_reachable()
-                # After a store restart every lease is missing: the watch restores those.
-                if missing and await self._store_unchanged():
-                    logger.warning(
-                        "session leases had lapsed; joining again",
-                        extra={"runtime": self.process_id, "count": len(missing)},
-                    )
-                    await self._rejoin([self.sessions[c] for c in missing if c in self.sessions])
-                    await self.presence_changed()
-            except StoreUnavailable as exc:
-                self._store_unreachable(exc)
-            except Exception:
-                logger.exception("lease renewal failed", extra={"runtime": self.process_id})
-
-    async def _rejoin(self, consumers: list[SignalingConsumer]) -> None:
-        """Write these sessions' leases again; close the ones whose username went to another user_id."""
-        sessions = [consumer.session for consumer in consumers if consumer.session is not None]
-        refused = await self.store.restore(sessions, settings.SIGNALING_MAX_SESSIONS_PER_USER, self.lease_seconds)
-        for session, exc in refused:
-            consumer = self.sessions.get(session.channel)
-            logger.warning(
-                "session cannot be listed again",
-                extra={"session": session.channel, "user": session.username, "code": exc.code},
-            )
-            if consumer is not None:
-                with contextlib.suppress(Exception):
-                    await consumer.send_error(exc.code, exc.message)
-                    await consumer.close(code=CLOSE_SERVICE_RESTART)
-
-    async def _watch_store(self) -> None:
-        while True:
-            await asyncio.sleep(self._watch_interval)
-            try:
-                await self._check_store()
-            except StoreUnavailable as exc:
-                self._store_unreachable(exc)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception(
-                    "restoring state after a Redis restart failed; retrying", extra={"runtime": self.process_id}
-                )
-
-    async def _check_store(self) -> None:
-        """Restore this process's state if the store lost its data since the last check."""
-        epoch = await self.store.epoch()
-        self._store_reachable()
-        if self._epoch is None:
-            # Started while the store was down: whatever joined since is in this data set.
-            self._epoch = epoch
-        elif epoch != self._epoch:
-            self._hold_vanished()
-            await self._restore_after_store_loss()
-            self._epoch = epoch
-            self._hold_vanished()
-
-    async def _store_unchanged(self) -> bool:
-        epoch = await self.store.epoch()
-        return self._epoch is None or epoch == self._epoch
-
-    def _hold_vanished(self) -> None:
-        # Every process needs a probe and a renewal to write its sessions back.
-        hold = self.lease_seconds + LAYER_PROBE_TIMEOUT
-        self._vanished_hold_until = asyncio.get_running_loop().time() + hold
-
-    async def _restore_after_store_loss(self) -> None:
-        """Re-subscribe, re-add every local session to its user group, and write the leases again."""
-        logger.warning(
-            "presence store lost its data (Redis restarted?); restoring",
-            extra={"runtime": self.process_id, "sessions": len(self.sessions)},
-        )
-        # Sessions are listed again only once the layer can reach them: a caller who
-        # sees them may signal them straight away.
-        await self._layer_delivers()
-        # The core layer keeps group members in Redis (lost); pub/sub subscriptions are
-        # restored by the client on reconnect, where these calls change nothing.
-        if self._process_channel:
-            await self.layer.group_add(PRESENCE_GROUP, self._process_channel)
-        consumers = list(self.sessions.values())
-        for consumer in consumers:
-            if consumer.session is not None:
-                await self.layer.group_add(user_group(consumer.session.username), consumer.channel_name)
-        await self._rejoin(consumers)
-        await self.presence_changed()
-        logger.info("state restored after the presence store came back", extra={"runtime": self.process_id})
-
-    async def _layer_delivers(self) -> None:
-        """Return once a message sent to this process's channel comes back through the layer.
-
-        After a Redis restart the layer's subscriber reconnects (and subscribes
-        again) on its own schedule; until then messages to local sessions are lost.
-        """
-        if not self._process_channel:
-            return
-        token = uuid.uuid4().hex
-        arrived = asyncio.get_running_loop().create_future()
-        self._probes[token] = arrived
-        try:
-            async with asyncio.timeout(LAYER_PROBE_TIMEOUT):
-                while not arrived.done():
-                    with contextlib.suppress(Exception):
-                        await self.layer.send(self._process_channel, {"type": "runtime.probe", "token": token})
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(arrived), 0.5)
-        finally:
-            self._probes.pop(token, None)
-
-    def _store_unreachable(self, exc: Exception) -> None:
-        if not self._store_down:
-            logger.warning(
-                "presence store unreachable; retrying", extra={"runtime": self.process_id, "error": repr(exc)}
-            )
-        self._store_down = True
-
-    def _store_reachable(self) -> None:
-        if self._store_down:
-            logger.info("presence store reachable again", extra={"runtime": self.process_id})
-        self._store_down = False
 
     # --- Calls ---------------------------------------------------------
 

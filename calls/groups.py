@@ -1,0 +1,13 @@
+"""Channel-layer group names: one per user, and one every process joins for presence."""
+
+from __future__ import annotations
+
+import hashlib
+
+# Every process's runtime channel is a member: presence changes are announced to it.
+PRESENCE_GROUP = "presence"
+
+
+def user_group(username: str) -> str:
+    """Return the channel-layer group of a user's sessions (safe for any username)."""
+    return "user." + hashlib.sha256(username.encode()).hexdigest()[:40]

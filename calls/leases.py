@@ -1,0 +1,173 @@
+"""Keep this process's sessions listed in the presence store, through a Redis restart.
+
+`LeaseKeeper` is the part of `Runtime` (calls/runtime.py) that runs two of its
+background jobs:
+
+- Lease renewal, every T/4 (T = SIGNALING_PRESENCE_TTL). A lease that lapsed
+  while the store kept its data (this process stalled) is written again.
+- A watch on the store's epoch, which changes when the store loses its data (a
+  Redis restart). Then the process waits until the channel layer delivers to it
+  again, joins its groups again, writes its sessions' leases back (closing with
+  1012 a session whose username went to another user meanwhile) and announces
+  the change. For a lease period and a probe timeout after that, the reaper
+  does not take a session missing from the store for a dead one: other
+  processes may still be writing theirs back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+from django.conf import settings
+
+from calls.groups import PRESENCE_GROUP, user_group
+from calls.presence import StoreUnavailable
+from calls.protocol import CLOSE_SERVICE_RESTART
+
+if TYPE_CHECKING:
+    from calls.consumers import SignalingConsumer
+
+logger = logging.getLogger(__name__)
+
+# Seconds between checks that the presence store still holds this process's data.
+STORE_WATCH_INTERVAL = 1.0
+# Seconds to wait for the channel layer to deliver to this process again after a Redis restart.
+LAYER_PROBE_TIMEOUT = 10.0
+
+
+class LeaseKeeper:
+    """Renew this process's leases and restore them after the store lost them; mixed into `Runtime`.
+
+    Uses the runtime's state (`store`, `layer`, `sessions`, `lease_seconds`,
+    `_epoch`, `_process_channel`, `_probes`, ...) and its `presence_changed`.
+    The runtime's reaper uses `_vanished_hold_until`, `_store_unchanged` and
+    `_store_unreachable`.
+    """
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self._renew_interval)
+            try:
+                missing = await self.store.renew(list(self.sessions), self.lease_seconds)
+                self._store_reachable()
+                # After a store restart every lease is missing: the watch restores those.
+                if missing and await self._store_unchanged():
+                    logger.warning(
+                        "session leases had lapsed; joining again",
+                        extra={"runtime": self.process_id, "count": len(missing)},
+                    )
+                    await self._rejoin([self.sessions[c] for c in missing if c in self.sessions])
+                    await self.presence_changed()
+            except StoreUnavailable as exc:
+                self._store_unreachable(exc)
+            except Exception:
+                logger.exception("lease renewal failed", extra={"runtime": self.process_id})
+
+    async def _rejoin(self, consumers: list[SignalingConsumer]) -> None:
+        """Write these sessions' leases again; close the ones whose username went to another user_id."""
+        sessions = [consumer.session for consumer in consumers if consumer.session is not None]
+        refused = await self.store.restore(sessions, settings.SIGNALING_MAX_SESSIONS_PER_USER, self.lease_seconds)
+        for session, exc in refused:
+            consumer = self.sessions.get(session.channel)
+            logger.warning(
+                "session cannot be listed again",
+                extra={"session": session.channel, "user": session.username, "code": exc.code},
+            )
+            if consumer is not None:
+                with contextlib.suppress(Exception):
+                    await consumer.send_error(exc.code, exc.message)
+                    await consumer.close(code=CLOSE_SERVICE_RESTART)
+
+    async def _watch_store(self) -> None:
+        while True:
+            await asyncio.sleep(self._watch_interval)
+            try:
+                await self._check_store()
+            except StoreUnavailable as exc:
+                self._store_unreachable(exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception(
+                    "restoring state after a Redis restart failed; retrying", extra={"runtime": self.process_id}
+                )
+
+    async def _check_store(self) -> None:
+        """Restore this process's state if the store lost its data since the last check."""
+        epoch = await self.store.epoch()
+        self._store_reachable()
+        if self._epoch is None:
+            # Started while the store was down: whatever joined since is in this data set.
+            self._epoch = epoch
+        elif epoch != self._epoch:
+            self._hold_vanished()
+            await self._restore_after_store_loss()
+            self._epoch = epoch
+            self._hold_vanished()
+
+    async def _store_unchanged(self) -> bool:
+        epoch = await self.store.epoch()
+        return self._epoch is None or epoch == self._epoch
+
+    def _hold_vanished(self) -> None:
+        # Every process needs a probe and a renewal to write its sessions back.
+        hold = self.lease_seconds + LAYER_PROBE_TIMEOUT
+        self._vanished_hold_until = asyncio.get_running_loop().time() + hold
+
+    async def _restore_after_store_loss(self) -> None:
+        """Re-subscribe, re-add every local session to its user group, and write the leases again."""
+        logger.warning(
+            "presence store lost its data (Redis restarted?); restoring",
+            extra={"runtime": self.process_id, "sessions": len(self.sessions)},
+        )
+        # Sessions are listed again only once the layer can reach them: a caller who
+        # sees them may signal them straight away.
+        await self._layer_delivers()
+        # The core layer keeps group members in Redis (lost); pub/sub subscriptions are
+        # restored by the client on reconnect, where these calls change nothing.
+        if self._process_channel:
+            await self.layer.group_add(PRESENCE_GROUP, self._process_channel)
+        consumers = list(self.sessions.values())
+        for consumer in consumers:
+            if consumer.session is not None:
+                await self.layer.group_add(user_group(consumer.session.username), consumer.channel_name)
+        await self._rejoin(consumers)
+        await self.presence_changed()
+        logger.info("state restored after the presence store came back", extra={"runtime": self.process_id})
+
+    async def _layer_delivers(self) -> None:
+        """Return once a message sent to this process's channel comes back through the layer.
+
+        After a Redis restart the layer's subscriber reconnects (and subscribes
+        again) on its own schedule; until then messages to local sessions are lost.
+        """
+        if not self._process_channel:
+            return
+        token = uuid.uuid4().hex
+        arrived = asyncio.get_running_loop().create_future()
+        self._probes[token] = arrived
+        try:
+            async with asyncio.timeout(LAYER_PROBE_TIMEOUT):
+                while not arrived.done():
+                    with contextlib.suppress(Exception):
+                        await self.layer.send(self._process_channel, {"type": "runtime.probe", "token": token})
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(arrived), 0.5)
+        finally:
+            self._probes.pop(token, None)
+
+    def _store_unreachable(self, exc: Exception) -> None:
+        if not self._store_down:
+            logger.warning(
+                "presence store unreachable; retrying", extra={"runtime": self.process_id, "error": repr(exc)}
+            )
+        self._store_down = True
+
+    def _store_reachable(self) -> None:
+        if self._store_down:
+            logger.info("presence store reachable again", extra={"runtime": self.process_id})
+        self._store_down = False

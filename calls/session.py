@@ -1,0 +1,18 @@
+"""A session's view of its calls: kept by the consumer, carried by a hand-over."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class LiveCall:
+    """This session's view of a call it is party to."""
+
+    call_id: str
+    peer_username: str
+    is_caller: bool
+    # Where the other party's signaling goes: one session, or (before the answer,
+    # from the caller) every session of the callee.
+    peer_channel: str = ""
+    answered: bool = False
