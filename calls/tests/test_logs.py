@@ -259,7 +259,9 @@ async def test_a_real_server_logs_one_well_formed_line_per_event_and_no_sdp_or_t
     ours = [line for line in logs.splitlines() if "logger=calls." in line]
     parsed = [parse_logfmt(line) for line in ours]  # raises on a line that is not one whole logfmt record
     assert all(list(fields)[:4] == ["ts", "level", "logger", "msg"] for fields in parsed)
-    # calls.lifecycle is converted here; calls.consumers and calls.runtime lines are checked for shape only.
+    sessions = {(f["msg"], f.get("user")) for f in parsed if f["logger"] in ("calls.consumers", "calls.resume")}
+    assert {("session registered", "alice"), ("session registered", "bob"), ("session resumed", "alice")} <= sessions
+    assert all(f["session"] for f in parsed if f["msg"].startswith("session "))
     lifecycle = [fields for fields in parsed if fields["logger"] == "calls.lifecycle"]
     assert [fields["msg"] for fields in lifecycle] == ["call started", "call transition", "call transition"]
     assert all(fields["call"] == call_id and fields["session"] for fields in lifecycle)
