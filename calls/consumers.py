@@ -223,7 +223,7 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         self.runtime.sessions[self.channel_name] = self
         await self.channel_layer.group_add(user_group(username), self.channel_name)
         # Before the reply: once a client is registered, a call to it on any process finds its row.
-        await database_sync_to_async(lifecycle.touch_user)(username, message.user_id)
+        await self.runtime.users.touch(username, message.user_id)
         logger.info("session registered", extra={"session": self.channel_name, "user": username})
         if message.resume:
             self.resume_token, self.resume_nonce = make_token(self.channel_name, username, message.user_id)

@@ -95,10 +95,18 @@ def _locked_live_call(call_id: str) -> Call | None:
 
 def touch_user(username: str, user_id: str) -> None:
     """Record that `username` registered now with `user_id`."""
+    touch_users({username: user_id})
+
+
+def touch_users(users: dict[str, str]) -> None:
+    """Record that these users (username -> user_id) registered now, in one statement."""
     now = timezone.now()
-    # One INSERT ... ON CONFLICT statement instead of a locked read and a write.
+    # One INSERT ... ON CONFLICT statement instead of a locked read and a write per user.
     SignalingUser.objects.bulk_create(
-        [SignalingUser(username=username, user_id=user_id, first_seen=now, last_seen=now)],
+        [
+            SignalingUser(username=username, user_id=user_id, first_seen=now, last_seen=now)
+            for username, user_id in users.items()
+        ],
         update_conflicts=True,
         unique_fields=["username"],
         update_fields=["user_id", "last_seen"],
