@@ -368,16 +368,16 @@ async def test_the_echo_bot_sends_a_callers_video_and_audio_back(tmp_path):
         with daphne_server(tmp_path, SIGNALING_PRESENCE_WINDOW_MS="20", SIGNALING_ICE_SERVERS=ice_servers) as server:
             async with BotProcess(server) as bot:
                 call_id, returned, video = await echo_call(server.url, "caller", trickle=True)
-                await bot.wait_for_line(f"call {call_id} from caller: ended (hangup)")
+                await bot.wait_for_line(f'msg="echo call ended" call={call_id} caller=caller reason=hangup')
             assert bot.proc.returncode == 0, bot.log
     finally:
         transport.close()
     assert stun_server.requests >= 1, "the bot's peer connection must use the ICE servers from registered"
     assert_echoed(returned, video)
     assert call_row(server, call_id) == ("completed", "hangup")
-    assert f"call {call_id} from caller: started" in bot.log
+    assert f'msg="echo call started" call={call_id} caller=caller' in bot.log
     assert "v=0" not in bot.log and "candidate:" not in bot.log, "no SDP or candidates in the bot's log"
-    assert "could not handle" not in bot.log, bot.log
+    assert 'msg="signal not handled"' not in bot.log and "level=error" not in bot.log, bot.log
 
 
 async def test_two_simultaneous_callers_each_get_their_own_echo(tmp_path):
@@ -388,8 +388,8 @@ async def test_two_simultaneous_callers_each_get_their_own_echo(tmp_path):
             (first_id, first, first_video), (second_id, second, second_video) = await asyncio.gather(
                 echo_call(server.url, "caller-a", 0, together), echo_call(server.url, "caller-b", 2000, together)
             )
-            await bot.wait_for_line(f"call {first_id} from caller-a: ended (hangup)")
-            await bot.wait_for_line(f"call {second_id} from caller-b: ended (hangup)")
+            await bot.wait_for_line(f'msg="echo call ended" call={first_id} caller=caller-a reason=hangup')
+            await bot.wait_for_line(f'msg="echo call ended" call={second_id} caller=caller-b reason=hangup')
     assert first_id != second_id
     assert_echoed(first, first_video)
     assert_echoed(second, second_video)
@@ -397,5 +397,5 @@ async def test_two_simultaneous_callers_each_get_their_own_echo(tmp_path):
     assert call_row(server, second_id) == ("completed", "hangup")
     # Each caller got its own frames back, not the other's (their counters are 2000 apart).
     assert max(first.counters) < 2000 <= min(second.counters)
-    events = [line.split("echo ", 1)[-1] for line in bot.lines if ": started" in line or ": ended" in line]
-    assert [("started" in line) for line in events] == [True, True, False, False], events
+    events = [line for line in bot.lines if 'msg="echo call started"' in line or 'msg="echo call ended"' in line]
+    assert [('msg="echo call started"' in line) for line in events] == [True, True, False, False], events
