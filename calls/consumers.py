@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.exceptions import ChannelFull, StopConsumer
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -65,6 +65,7 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         metrics.connection_opened()
         self.counted = True
         if self.runtime.draining:  # accepted just before the listening socket closed
+            self.draining = True
             await self.close(code=CLOSE_SERVICE_RESTART)
         self.register_deadline = asyncio.get_running_loop().call_later(
             settings.SIGNALING_REGISTER_TIMEOUT, self._register_timeout
@@ -99,6 +100,13 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
             pass
         finally:
             self.runtime.consumers.pop(self, None)
+            if self.runtime.sessions.get(self.channel_name) is self:
+                # Ended without its disconnect (an error in a handler, or cancelled by
+                # daphne): its session must not stay listed, renewed, and unreachable.
+                self.runtime.sessions.pop(self.channel_name, None)
+                self.runtime.hub.unlisten(self.channel_name)
+                cleanup = loop.create_task(self.end_session(1011))
+                self.runtime.track(cleanup)
             for reader in readers:
                 reader.cancel()
             for reader in readers:
@@ -121,8 +129,8 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         if self.held is not None:
             await self.hold_event(message)
             return
-        if self.draining and not message["type"].startswith("websocket."):
-            return  # closed for a shutdown: nothing more goes out
+        if self.draining and message["type"] != "websocket.disconnect":
+            return  # closed for a shutdown: only the client's close is still awaited
         handler = getattr(self, message["type"].replace(".", "_"), None)
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
@@ -299,7 +307,7 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         self.runtime.cancel_ring_timeout(call.call_id)
         call.answered = True
         call.peer_channel = record.caller_channel
-        await self.channel_layer.send(
+        await self.runtime.send_to_session(
             record.caller_channel,
             {
                 "type": "call.accepted",
@@ -346,23 +354,23 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         # signals go to every session of the callee through the layer, and a direct
         # signal must not overtake one of those. Other call events keep to the layer;
         # signals follow them in practice (a caller's offer waits for call_accepted).
-        peer = self.runtime.sessions.get(call.peer_channel) if call.answered else None
-        if peer is not None:
-            peer.deliver(event)
+        if call.answered:
+            await self.runtime.send_to_session(call.peer_channel, event)
         else:
             await self.tell_peer(call, event)
 
-    def deliver(self, event: dict[str, Any]) -> None:
-        """Queue an event from this process for this consumer, as the layer would."""
+    def deliver(self, event: dict[str, Any]) -> bool:
+        """Queue an event from this process for this consumer; False when its inbox is full."""
         try:
             self.inbox.put_nowait(event)
         except asyncio.QueueFull:
-            raise ChannelFull(self.channel_name) from None
+            return False
+        return True
 
     async def tell_peer(self, call: LiveCall, event: dict[str, Any]) -> None:
         """Send a layer event to the other party of a call: its session, or all its sessions."""
         if call.peer_channel:
-            await self.channel_layer.send(call.peer_channel, event)
+            await self.runtime.send_to_session(call.peer_channel, event)
         else:
             await self.channel_layer.group_send(user_group(call.peer_username), event)
 
@@ -461,6 +469,9 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
             self.register_deadline.cancel()
         if getattr(self, "counted", False):
             metrics.connection_closed()
+        if getattr(self, "pending_resume", None) is not None:
+            self.pending_resume.cancel()
+            self.pending_resume = None
         if getattr(self, "session", None) is None:
             return
         self.runtime.hub.unlisten(self.channel_name)

@@ -102,10 +102,12 @@ def touch_users(users: dict[str, str]) -> None:
     """Record that these users (username -> user_id) registered now, in one statement."""
     now = timezone.now()
     # One INSERT ... ON CONFLICT statement instead of a locked read and a write per user.
+    # Rows in username order: two processes writing overlapping batches lock them in
+    # the same order, so they cannot deadlock.
     SignalingUser.objects.bulk_create(
         [
-            SignalingUser(username=username, user_id=user_id, first_seen=now, last_seen=now)
-            for username, user_id in users.items()
+            SignalingUser(username=username, user_id=users[username], first_seen=now, last_seen=now)
+            for username in sorted(users)
         ],
         update_conflicts=True,
         unique_fields=["username"],

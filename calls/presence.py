@@ -266,6 +266,7 @@ class PresenceHub:
                 logger.exception("presence broadcast failed; retrying next window")
                 self._dirty = True
                 await asyncio.sleep(1)
+                continue
             # A broadcast to many sessions is costly: a sign-in storm must not turn
             # into back-to-back lists.
             await asyncio.sleep(BROADCAST_BACKOFF * (time.monotonic() - started))

@@ -150,6 +150,7 @@ class ResumableSession:
             self.held_timer.cancel()
             await self.channel_layer.send(event["reply_to"], handover_event(self, list(self.held), self.held_dropped))
             self.runtime.sessions.pop(self.channel_name, None)
+            metrics.session_closed()
             logger.info("session handed over", extra={"session": self.channel_name, "to": event["reply_to"]})
             raise StopConsumer()
         if kind == "session.expire":
@@ -190,8 +191,15 @@ class ResumableSession:
     async def _ask_holder(self, old_channel: str, nonce: str) -> None:
         # Asked more than once: a request that lands while the dropped consumer is
         # still winding down can be taken by its last, cancelled receive and lost.
+        # The holder's process may park the session meanwhile (a shutdown): look there too.
         request = {"type": "session.resume", "nonce": nonce, "reply_to": self.channel_name}
-        for _ in range(RESUME_ATTEMPTS):
+        for attempt in range(RESUME_ATTEMPTS):
+            if attempt:
+                parked = await self.runtime.store.claim_parked(old_channel, nonce)
+                if parked is not None:
+                    self.pending_resume = None
+                    await self.take_over(parked)
+                    return
             await self.channel_layer.send(old_channel, request)
             await asyncio.sleep(RESUME_REPLY_TIMEOUT / RESUME_ATTEMPTS)
         self.pending_resume = None
@@ -205,6 +213,7 @@ class ResumableSession:
         self.runtime.hub.unlisten(self.channel_name)
         await self.channel_layer.send(event["reply_to"], handover_event(self, [], 0))
         self.runtime.sessions.pop(self.channel_name, None)
+        metrics.session_closed()  # here; the taking socket counts it again where it lives
         logger.info("session handed over", extra={"session": self.channel_name, "to": event["reply_to"]})
         self.session = None
         await self.close()
@@ -230,6 +239,7 @@ class ResumableSession:
         # Join before the old lease goes, so the user never blinks offline.
         await self.runtime.store.join(session, settings.SIGNALING_MAX_SESSIONS_PER_USER + 1, self.runtime.lease_seconds)
         self.session = session
+        metrics.session_registered()
         self.register_deadline.cancel()
         self.runtime.sessions[self.channel_name] = self
         await self.channel_layer.group_add(user_group(session.username), self.channel_name)
@@ -286,8 +296,13 @@ class ResumableSession:
 
     async def server_drain(self, event: dict[str, Any]) -> None:
         """The process is shutting down: park or end the session, and send the client elsewhere."""
-        self.register_deadline.cancel()
-        if self.session is not None:
+        if hasattr(self, "register_deadline"):  # the drain can come before the socket's connect
+            self.register_deadline.cancel()
+        if getattr(self, "pending_resume", None) is not None:
+            # A hand-over now would land on a closing socket: leave the session where it is.
+            self.pending_resume.cancel()
+            self.pending_resume = None
+        if getattr(self, "session", None) is not None:
             self.runtime.hub.unlisten(self.channel_name)
             if event["carry"] and self.resume_token is not None:
                 for call in self.calls.values():
@@ -347,14 +362,20 @@ def reconcile(
             else:
                 missed.append(protocol.call_ended(call.peer_username, call.call_id, reason))
             continue
-        if record.status == CallStatus.ANSWERED and not call.answered:
-            if call.is_caller:
-                call.answered, call.peer_channel = True, record.callee_channel
+        # The peer may have moved too (both parties parked by one process): where it
+        # is now is on the row, not in what this session last knew.
+        if record.status == CallStatus.ANSWERED and call.is_caller:
+            if not call.answered:
                 missed.append(
                     {"type": protocol.CALL_ACCEPTED, "accepter_username": call.peer_username, "call_id": call.call_id}
                 )
-            elif record.callee_channel not in (old_channel, new_channel):
+            call.answered, call.peer_channel = True, record.callee_channel
+        elif record.status == CallStatus.ANSWERED:
+            if record.callee_channel not in (old_channel, new_channel):
                 missed.append(protocol.call_ended(call.peer_username, call.call_id, "answered_elsewhere"))
                 continue
+            call.answered, call.peer_channel = True, record.caller_channel
+        elif not call.is_caller:
+            call.peer_channel = record.caller_channel
         calls[call.call_id] = call
     return calls, missed

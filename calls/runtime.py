@@ -37,16 +37,12 @@ from calls.groups import PRESENCE_GROUP, user_group
 from calls.leases import STORE_WATCH_INTERVAL, LeaseKeeper
 from calls.lifecycle import CallRecord
 from calls.presence import MemoryPresenceStore, PresenceHub, PresenceStore, SessionInfo, StoreUnavailable
-from calls.protocol import CLOSE_SERVICE_RESTART
 from calls.states import CallStatus, EndReason
 
 if TYPE_CHECKING:
     from calls.consumers import SignalingConsumer
 
 logger = logging.getLogger(__name__)
-
-# CLOSE_SERVICE_RESTART, PRESENCE_GROUP and user_group live in calls/protocol.py and calls/groups.py.
-__all__ = ["CLOSE_SERVICE_RESTART", "PRESENCE_GROUP", "Runtime", "make_store", "user_group"]
 
 # Seconds between attempts to deliver a call's end while the channel layer is down.
 DELIVERY_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -206,9 +202,11 @@ class Runtime(LeaseKeeper):
             extra={"runtime": self.process_id, "connections": len(consumers), "carry_calls": carry},
         )
         for consumer in consumers:
-            with contextlib.suppress(TimeoutError):  # a consumer stuck that long is cancelled below
-                await asyncio.wait_for(consumer.inbox.put({"type": "server.drain", "carry": carry}), 1.0)
+            drain = {"type": "server.drain", "carry": carry}
+            if not consumer.deliver(drain):  # a full inbox: queued behind what is there
+                self.track(asyncio.get_running_loop().create_task(consumer.inbox.put(drain)))
         if consumers:
+            # Whatever is still running after the timeout, daphne cancels next.
             _, late = await asyncio.wait(consumers.values(), timeout=timeout)
             if late:
                 logger.warning(
@@ -383,9 +381,27 @@ class Runtime(LeaseKeeper):
         )
 
     async def send_to_session(self, channel: str, event: dict[str, Any]) -> None:
-        """Send a layer event to one session's channel (through the layer, to keep order)."""
-        if channel:
+        """Send an event to one session: into its inbox when it is on this process, else through the layer.
+
+        Every point-to-point event from this process to a local session takes the
+        same path, so they arrive in the order sent. Group sends (to every device
+        of a user) always go through the layer.
+        """
+        if not channel:
+            return
+        local = self.sessions.get(channel)
+        if local is None or not local.deliver(event):
             await self.layer.send(channel, event)
+
+    def track(self, task: asyncio.Task) -> None:
+        """Keep a background task referenced until it ends, and log its failure."""
+        self._retries.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._retries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background task failed", exc_info=task.exception(), extra={"runtime": self.process_id})
 
 
 def _end_calls_of_lost_sessions(sessions: list[SessionInfo], online: set[str]) -> list[CallRecord]:
