@@ -70,3 +70,15 @@ async def test_http_get_of_root_does_not_break_the_websocket_route(server):
     async with websockets.connect(server.url.rstrip("/")) as ws:
         await ws.send(json.dumps({"type": "ping"}))
         assert json.loads(await ws.recv())["type"] == "pong"
+
+
+async def test_a_socket_that_never_registers_is_closed_with_1008_on_the_wire(tmp_path):
+    # autobahn refuses application close codes other than 1000 and 3000-4999, and daphne
+    # then drops the connection without a close frame; the server sends 1008 itself.
+    with daphne_server(tmp_path, SIGNALING_REGISTER_TIMEOUT="0.3") as server:
+        ws = await websockets.connect(server.url)
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            async with asyncio.timeout(5):
+                while True:
+                    await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008

@@ -196,3 +196,17 @@ async def test_clear_forgets_everything(store):
     await store.clear()
     assert await store.online_users() == []
     assert await store.live_channels() == set()
+
+
+async def test_a_parked_session_is_claimed_once_and_only_with_its_nonce(stores):
+    first, second = stores
+    await first.join(session("c1"), 5, TTL)
+    state = {"nonce": "right", "username": "alice", "calls": [{"call_id": "x"}]}
+    await first.park("c1", state, 5.0)
+    assert await second.claim_parked("c1", "wrong") is None
+    assert await second.claim_parked("c1", "right") == state
+    assert await first.claim_parked("c1", "right") is None
+    # The lease now runs out with the parking, not with the old renewal period.
+    lease_ms = await first.redis.zscore("signaling:presence:leases", "c1")
+    now_s, now_us = await first.redis.time()
+    assert 4_000 < lease_ms - (now_s * 1000 + now_us // 1000) <= 5_000

@@ -144,3 +144,36 @@ async def test_a_parked_session_nobody_resumes_ends_its_call_after_the_grace(tmp
         assert cluster.call_row(call_id) == ("completed", "disconnected")
     finally:
         cluster.stop()
+
+
+@pytest.mark.services
+async def test_a_call_between_two_parked_sessions_goes_on_when_both_resume(tmp_path, postgres, peers):  # noqa: F811
+    cluster = start_cluster(tmp_path, postgres, SIGNALING_RESUME_GRACE="20")
+    try:
+        tokens = {}
+        old = {}
+        for name in ("hana", "ivan"):
+            old[name] = await peers(cluster.a)
+            old[name].name = name
+            tokens[name] = (await old[name].register(name, f"id-{name}", resume=True))["resume_token"]
+        call_id = await answered_call(old["hana"], old["ivan"])
+        cluster.a.proc.send_signal(signal.SIGTERM)
+        assert await closed_with(old["hana"]) == SERVICE_RESTART
+        assert await closed_with(old["ivan"]) == SERVICE_RESTART
+        assert await asyncio.to_thread(exited, cluster.a) == 0
+
+        new = {}
+        for name in ("hana", "ivan"):  # one after the other: the second finds the first moved
+            new[name] = await peers(cluster.b)
+            new[name].name = name
+            resumed = await new[name].register(name, f"id-{name}", resume_token=tokens[name])
+            assert resumed["calls"][0]["call_id"] == call_id
+        assert (await new["hana"].expect("peer_reconnected"))["username"] == "ivan"
+        for sender, receiver in (("hana", "ivan"), ("ivan", "hana")):
+            data = {"candidate": f"candidate:{sender}", "sdpMLineIndex": 0}
+            await new[sender].send({"type": "ice_candidate", "target_username": receiver, "data": data})
+            got = await new[receiver].expect("ice_candidate")
+            assert (got["from_username"], got["data"]) == (sender, data)
+        assert cluster.call_row(call_id) == ("answered", None)
+    finally:
+        cluster.stop()
