@@ -257,7 +257,8 @@ def markdown(results: dict[str, Any]) -> str:
         f" instant, {plan['setup_rounds']} rounds; call_request -> incoming_call -> call_accepted -> call_accepted"
         " at the caller, database writes included (clients: the signaling_client library).",
         f"- Sign-in storm: clients connect and register in batches of {plan['storm_batch']} on one daphne"
-        " process (full online lists, as v1 clients); time until every client has seen the complete list.",
+        f" process, from {plan.get('storm_workers', 1)} load-generator processes (full online lists, as v1"
+        " clients); time until every client has seen the complete list.",
         f"- Idle memory: RSS of the daphne process before and after {plan['idle_clients']:,} registered"
         " connections, divided by their number; presence broadcasts deferred during this test.",
         "",

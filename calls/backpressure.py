@@ -63,6 +63,19 @@ def install() -> None:
 
     class BoundedWebSocketProtocol(WebSocketProtocol):
         bounded = True
+        # The last text frame encoded, shared by every connection: a presence list sent
+        # to thousands of sessions is one str object, encoded to UTF-8 once.
+        last_encoded: tuple[str, bytes] = ("", b"")
+
+        def serverSend(self, content: Any, binary: bool = False) -> None:
+            if binary or self.state == self.STATE_CONNECTING:
+                super().serverSend(content, binary)
+                return
+            text, encoded = BoundedWebSocketProtocol.last_encoded
+            if text is not content:
+                encoded = content.encode("utf8")
+                BoundedWebSocketProtocol.last_encoded = (content, encoded)
+            self.sendMessage(encoded, False)
 
         def serverClose(self, code: int | None = None) -> None:
             # autobahn's sendClose only takes 1000 and 3000-4999, and daphne then drops
