@@ -21,6 +21,20 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, t
         database.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_database_thread_connections(django_db_setup):
+    """Close the connections the ORM keeps open in asgiref's database thread (CONN_MAX_AGE).
+
+    Otherwise PostgreSQL refuses to drop the test database at the end of the run
+    ("being accessed by other users").
+    """
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
+
+
 @pytest.fixture(autouse=True)
 def _fast_presence(settings):
     """Broadcast presence quickly so tests wait less; behaviour is the same."""
