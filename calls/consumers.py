@@ -350,10 +350,9 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         text = protocol.encode(protocol.signal(message.type, self.session.username, message.data, call.call_id))
         event = {"type": "call.signal", "call_id": call.call_id, "text": text, "sent_at": time.time()}
         # The hot path: a peer on this process gets the signal straight into its inbox,
-        # without the layer (a Redis round trip). Only answered calls: before the answer
-        # signals go to every session of the callee through the layer, and a direct
-        # signal must not overtake one of those. Other call events keep to the layer;
-        # signals follow them in practice (a caller's offer waits for call_accepted).
+        # without the layer (a Redis round trip), like every point-to-point event to it
+        # (Runtime.send_to_session), so they keep their order. Before the answer,
+        # signals go to every session of the callee as a group send, through the layer.
         if call.answered:
             await self.runtime.send_to_session(call.peer_channel, event)
         else:
