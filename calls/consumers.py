@@ -366,6 +366,11 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
             return False
         return True
 
+    def post(self, event: dict[str, Any]) -> None:
+        """Queue an event for this consumer that must not be lost: behind the others if its inbox is full."""
+        if not self.deliver(event):
+            self.runtime.track(asyncio.get_running_loop().create_task(self.inbox.put(event)))
+
     async def tell_peer(self, call: LiveCall, event: dict[str, Any]) -> None:
         """Send a layer event to the other party of a call: its session, or all its sessions."""
         if call.peer_channel:

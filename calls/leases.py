@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -48,24 +49,28 @@ class LeaseKeeper:
     `_store_unreachable`.
     """
 
-    async def _renew_leases(self) -> None:
+    async def _every(self, interval: float, step: Callable[[], Awaitable[None]], failure: str) -> None:
+        """Run `step` every `interval` seconds for good: a store outage or an error is logged, then retried."""
         while True:
-            await asyncio.sleep(self._renew_interval)
+            await asyncio.sleep(interval)
             try:
-                missing = await self.store.renew(list(self.sessions), self.lease_seconds)
-                self._store_reachable()
-                # After a store restart every lease is missing: the watch restores those.
-                if missing and await self._store_unchanged():
-                    logger.warning(
-                        "session leases had lapsed; joining again",
-                        extra={"runtime": self.process_id, "count": len(missing)},
-                    )
-                    await self._rejoin([self.sessions[c] for c in missing if c in self.sessions])
-                    await self.presence_changed()
+                await step()
             except StoreUnavailable as exc:
                 self._store_unreachable(exc)
             except Exception:
-                logger.exception("lease renewal failed", extra={"runtime": self.process_id})
+                logger.exception(failure, extra={"runtime": self.process_id})
+
+    async def _renew_leases(self) -> None:
+        missing = await self.store.renew(list(self.sessions), self.lease_seconds)
+        self._store_reachable()
+        # After a store restart every lease is missing: the watch restores those.
+        if missing and await self._store_unchanged():
+            logger.warning(
+                "session leases had lapsed; joining again",
+                extra={"runtime": self.process_id, "count": len(missing)},
+            )
+            await self._rejoin([self.sessions[c] for c in missing if c in self.sessions])
+            await self.presence_changed()
 
     async def _rejoin(self, consumers: list[SignalingConsumer]) -> None:
         """Write these sessions' leases again; close the ones whose username went to another user_id."""
@@ -81,20 +86,6 @@ class LeaseKeeper:
                 with contextlib.suppress(Exception):
                     await consumer.send_error(exc.code, exc.message)
                     await consumer.close(code=CLOSE_SERVICE_RESTART)
-
-    async def _watch_store(self) -> None:
-        while True:
-            await asyncio.sleep(self._watch_interval)
-            try:
-                await self._check_store()
-            except StoreUnavailable as exc:
-                self._store_unreachable(exc)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception(
-                    "restoring state after a Redis restart failed; retrying", extra={"runtime": self.process_id}
-                )
 
     async def _check_store(self) -> None:
         """Restore this process's state if the store lost its data since the last check."""

@@ -93,11 +93,6 @@ def _locked_live_call(call_id: str) -> Call | None:
     )
 
 
-def touch_user(username: str, user_id: str) -> None:
-    """Record that `username` registered now with `user_id`."""
-    touch_users({username: user_id})
-
-
 def touch_users(users: dict[str, str]) -> None:
     """Record that these users (username -> user_id) registered now, in one statement."""
     now = timezone.now()

@@ -24,8 +24,8 @@ from calls import metrics, protocol
 
 # After a broadcast, the next one waits at least this many times as long as the
 # broadcast took to build and hand to the sockets. The sockets' writes come after
-# and cost about as much again, so broadcasting takes at most about a third of the
-# process's time however many sessions listen: a sign-in storm grows linearly.
+# and cost about as much again, so while changes keep coming broadcasting takes
+# about half of the process's time at most, however many sessions listen.
 BROADCAST_BACKOFF = 3.0
 
 logger = logging.getLogger(__name__)

@@ -129,11 +129,9 @@ class ResumableSession:
                 call, {"type": "call.peer_reconnecting", "call_id": call.call_id, "username": self.session.username}
             )
         loop = asyncio.get_running_loop()
-        expire = {"type": "session.expire", "code": code}
         self.held_until = loop.time() + settings.SIGNALING_RESUME_GRACE
         self.held_timer = loop.call_later(
-            settings.SIGNALING_RESUME_GRACE,
-            lambda: loop.create_task(self.channel_layer.send(self.channel_name, expire)),
+            settings.SIGNALING_RESUME_GRACE, self.post, {"type": "session.expire", "code": code}
         )
         logger.info(
             "session dropped; held for resume",
@@ -180,26 +178,22 @@ class ResumableSession:
         found = read_token(message.resume_token, username, message.user_id)
         if found is None or self.pending_resume is not None:
             raise ProtocolError(protocol.RESUME_FAILED, "That resume token is not valid for you")
-        old_channel, nonce = found
-        # Parked by a process that shut down (it is gone), or held by a live consumer somewhere.
-        parked = await self.runtime.store.claim_parked(old_channel, nonce)
-        if parked is not None:
-            await self.take_over(parked)
-            return
-        self.pending_resume = asyncio.get_running_loop().create_task(self._ask_holder(old_channel, nonce))
+        self.pending_resume = asyncio.get_running_loop().create_task(self._ask_holder(*found))
 
     async def _ask_holder(self, old_channel: str, nonce: str) -> None:
-        # Asked more than once: a request that lands while the dropped consumer is
-        # still winding down can be taken by its last, cancelled receive and lost.
-        # The holder's process may park the session meanwhile (a shutdown): look there too.
+        """Find the session: parked in the store by a process that shut down, or held by a consumer somewhere.
+
+        The holder is asked more than once: a request that lands while the dropped
+        consumer is still winding down can be taken by its last, cancelled receive
+        and lost; and its process may park the session meanwhile (a shutdown).
+        """
         request = {"type": "session.resume", "nonce": nonce, "reply_to": self.channel_name}
-        for attempt in range(RESUME_ATTEMPTS):
-            if attempt:
-                parked = await self.runtime.store.claim_parked(old_channel, nonce)
-                if parked is not None:
-                    self.pending_resume = None
-                    await self.take_over(parked)
-                    return
+        for _ in range(RESUME_ATTEMPTS):
+            parked = await self.runtime.store.claim_parked(old_channel, nonce)
+            if parked is not None:
+                # A `session.handover` event: taken over in order, by `session_handover`.
+                self.post(parked)
+                return
             await self.channel_layer.send(old_channel, request)
             await asyncio.sleep(RESUME_REPLY_TIMEOUT / RESUME_ATTEMPTS)
         self.pending_resume = None

@@ -133,7 +133,8 @@ class Runtime(LeaseKeeper):
         self._announce_task: asyncio.Task | None = None
         self._announce_pending = False
         self._probes: dict[str, asyncio.Future] = {}
-        self._retries: set[asyncio.Task] = set()
+        # Tasks started in the background (deliveries retried, drains, clean-ups).
+        self._background: set[asyncio.Task] = set()
 
     @classmethod
     def current(cls) -> Runtime:
@@ -166,16 +167,18 @@ class Runtime(LeaseKeeper):
             loop = asyncio.get_running_loop()
             self._tasks = [
                 loop.create_task(self._listen_for_presence()),
-                loop.create_task(self._renew_leases()),
-                loop.create_task(self._watch_store()),
-                loop.create_task(self._reap()),
+                loop.create_task(self._every(self._renew_interval, self._renew_leases, "lease renewal failed")),
+                loop.create_task(
+                    self._every(self._watch_interval, self._check_store, "restoring state after a Redis restart failed")
+                ),
+                loop.create_task(self._every(self._sweep_interval, self.reap_once, "reaper failed")),
             ]
             self._started = True
         logger.info("runtime started", extra={"runtime": self.process_id, "pid": os.getpid()})
 
     async def stop(self) -> None:
         """Cancel the background jobs (tests and shutdown)."""
-        tasks = [*self._tasks, *self._retries, *([self._announce_task] if self._announce_task else [])]
+        tasks = [*self._tasks, *self._background, *([self._announce_task] if self._announce_task else [])]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -202,9 +205,7 @@ class Runtime(LeaseKeeper):
             extra={"runtime": self.process_id, "connections": len(consumers), "carry_calls": carry},
         )
         for consumer in consumers:
-            drain = {"type": "server.drain", "carry": carry}
-            if not consumer.deliver(drain):  # a full inbox: queued behind what is there
-                self.track(asyncio.get_running_loop().create_task(consumer.inbox.put(drain)))
+            consumer.post({"type": "server.drain", "carry": carry})
         if consumers:
             # Whatever is still running after the timeout, daphne cancels next.
             _, late = await asyncio.wait(consumers.values(), timeout=timeout)
@@ -298,18 +299,6 @@ class Runtime(LeaseKeeper):
         for record in await database_sync_to_async(lifecycle.expire_overdue_calls)(now):
             await self.notify_call_ended(record)
 
-    async def _reap(self) -> None:
-        while True:
-            await asyncio.sleep(self._sweep_interval)
-            try:
-                await self.reap_once()
-            except StoreUnavailable as exc:
-                self._store_unreachable(exc)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("reaper failed", extra={"runtime": self.process_id})
-
     async def reap_once(self) -> None:
         """Expire dead leases and end their calls, then end overdue calls and calls whose party vanished."""
         ended = []
@@ -364,9 +353,7 @@ class Runtime(LeaseKeeper):
             await send()
         except Exception as exc:  # noqa: BLE001 - the layer's errors depend on its backend
             logger.warning("call end not delivered; retrying", extra={"call": call_id, "error": repr(exc)})
-            task = asyncio.get_running_loop().create_task(self._retry_delivery(send, call_id))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
+            self.track(asyncio.get_running_loop().create_task(self._retry_delivery(send, call_id)))
 
     async def _retry_delivery(self, send: Callable[[], Awaitable[None]], call_id: str) -> None:
         for delay in DELIVERY_RETRY_DELAYS:
@@ -395,11 +382,11 @@ class Runtime(LeaseKeeper):
 
     def track(self, task: asyncio.Task) -> None:
         """Keep a background task referenced until it ends, and log its failure."""
-        self._retries.add(task)
+        self._background.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task) -> None:
-        self._retries.discard(task)
+        self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("background task failed", exc_info=task.exception(), extra={"runtime": self.process_id})
 

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 15.0
 
 
-async def drain_runtimes(timeout: float = SHUTDOWN_TIMEOUT) -> None:
+async def drain_runtime(timeout: float = SHUTDOWN_TIMEOUT) -> None:
     """Drain the runtime of the running event loop (daphne runs one)."""
     from calls.runtime import Runtime
 
@@ -62,7 +62,7 @@ def install() -> None:
                 port.stopListening()
             logger.info("SIGTERM: stopped listening; draining", extra={"ports": len(server.__dict__.get("ports", []))})
             try:
-                await drain_runtimes()
+                await drain_runtime()
             except Exception:
                 logger.exception("drain failed; closing what is left")
 

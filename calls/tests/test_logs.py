@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -17,6 +16,7 @@ import websockets
 
 from calls.logs import LineFormatter, RedactFilter
 from calls.tests.servers import ROOT, daphne_server, server_env
+from calls.tests.test_resume import next_of, register
 
 # key=value, the value bare or a quoted JSON string literal; pairs separated by one space.
 _PAIR = re.compile(r'([A-Za-z0-9_.\-]+)=("(?:[^"\\]|\\.)*"|[^\s"=\\]+)')
@@ -204,20 +204,6 @@ def test_an_unknown_log_format_stops_start_up(tmp_path):
 
 
 # --- A real server ---------------------------------------------------------------------
-
-
-async def next_of(ws: websockets.ClientConnection, kind: str, timeout: float = 10) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            message = json.loads(await ws.recv())
-            if message["type"] == kind:
-                return message
-
-
-async def register(url: str, username: str, **extra: Any) -> tuple[websockets.ClientConnection, dict[str, Any]]:
-    ws = await websockets.connect(url)
-    await ws.send(json.dumps({"type": "register", "username": username, "user_id": f"id-{username}", **extra}))
-    return ws, await next_of(ws, "registered")
 
 
 async def test_a_real_server_logs_one_well_formed_line_per_event_and_no_sdp_or_token(tmp_path):

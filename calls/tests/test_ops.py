@@ -256,9 +256,7 @@ def test_relay_latency_lands_in_the_histogram():
 
 @pytest.mark.django_db
 def test_calls_by_status_are_counted_from_the_database_at_scrape_time():
-    lifecycle.touch_user("alice", "u-a")
-    lifecycle.touch_user("bob", "u-b")
-    lifecycle.touch_user("carol", "u-c")
+    lifecycle.touch_users({"alice": "u-a", "bob": "u-b", "carol": "u-c"})
     first = lifecycle.start_call("alice", "chan-a", "bob", 45)
     lifecycle.start_call("carol", "chan-c", "bob", 45)  # bob is being called already: busy
     lifecycle.end_call(first.call_id, lifecycle.EndReason.HANGUP, "chan-a", "alice")
