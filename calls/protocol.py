@@ -8,6 +8,7 @@ Field names are the v1 protocol's; everything added since is optional.
 from __future__ import annotations
 
 import json
+import math
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,6 +57,8 @@ UNAUTHORIZED = "unauthorized"
 MESSAGE_TOO_LARGE = "message_too_large"
 RATE_LIMITED = "rate_limited"
 TOO_MANY_SESSIONS = "too_many_sessions"
+TOO_MANY_CONNECTIONS = "too_many_connections"
+CALL_RATE_LIMITED = "call_rate_limited"
 RESUME_FAILED = "resume_failed"
 RESUME_OVERFLOW = "resume_overflow"
 INTERNAL_ERROR = "internal_error"
@@ -67,6 +70,13 @@ CLOSE_SERVICE_RESTART = 1012
 
 USERNAME_MAX = 64
 USER_ID_MAX = 128
+DEVICE_ID_MAX = 128
+# How deep a frame may nest (the message object is level 1, `data` level 2): an
+# SDP or a candidate is flat; anything deeper is a client bug or an attack, and
+# re-encoding it for the peer must never hit a recursion limit.
+MAX_DEPTH = 16
+# Values (objects, arrays, strings, numbers) one frame may hold, whatever its size.
+MAX_NODES = 10_000
 TOKEN_MAX = 4096
 HISTORY_DEFAULT_LIMIT = 20
 HISTORY_MAX_LIMIT = 100
@@ -87,6 +97,7 @@ class Register:
     username: str
     user_id: str
     token: str | None = None
+    device_id: str | None = None
     presence: str = "full"
     resume: bool = False
     resume_token: str | None = None
@@ -161,8 +172,46 @@ def _text(obj: dict[str, Any], name: str, maximum: int, required: bool = True) -
     return value
 
 
+# Characters no username may hold: control (Cc), format (Cf: bidi overrides, zero-width
+# joiners and spaces), surrogate (Cs), private use (Co), unassigned (Cn), and line or
+# paragraph separators (Zl, Zp). Each lets two names look alike or a name hide text.
+_BANNED_IN_USERNAMES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+class InvalidUsername(ValueError):
+    """A username the rule below refuses; the message says why."""
+
+
+def normalize_username(value: str) -> str:
+    """Return a username in its one written form (NFKC), or raise InvalidUsername.
+
+    Look-alikes are refused or folded: compatibility forms (full-width letters,
+    ligatures) become their plain letters, and characters that are invisible or
+    reorder text are refused. Ownership also ignores case: see `username_key`.
+    """
+    name = unicodedata.normalize("NFKC", value)
+    if not 1 <= len(name) <= USERNAME_MAX:
+        raise InvalidUsername(f"must be 1 to {USERNAME_MAX} characters")
+    if name != name.strip():
+        raise InvalidUsername("must not start or end with spaces")
+    if any(unicodedata.category(ch) in _BANNED_IN_USERNAMES for ch in name):
+        raise InvalidUsername("must not contain control, format, surrogate or unassigned characters")
+    return name
+
+
+def username_key(username: str) -> str:
+    """Return what two usernames are compared by: one owner per key (case and width ignored)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", username).casefold())
+
+
 def _username(obj: dict[str, Any], name: str, required: bool = True) -> str | None:
-    return _text(obj, name, USERNAME_MAX, required)
+    value = _field(obj, name, str, required)
+    if value is None:
+        return None
+    try:
+        return normalize_username(value)
+    except InvalidUsername as exc:
+        raise ProtocolError(INVALID_MESSAGE, f"'{name}' {exc}") from None
 
 
 def _call_id(obj: dict[str, Any]) -> str | None:
@@ -175,6 +224,47 @@ def _call_id(obj: dict[str, Any]) -> str | None:
         raise ProtocolError(INVALID_MESSAGE, "'call_id' must be a UUID") from None
 
 
+def _check_values(obj: dict[str, Any]) -> None:
+    """Refuse what could not be sent on: lone surrogates, non-finite numbers, deep nesting.
+
+    Python's json accepts `"\\ud800"` (a lone surrogate, which no UTF-8 encoder
+    takes), `NaN`, `Infinity` and `1e400`; relayed to a peer, the first breaks
+    its socket's encoder and the others are not JSON. The error names the field.
+    """
+    nodes = 0
+    stack: list[tuple[Any, str, int]] = [(obj, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise ProtocolError(INVALID_MESSAGE, f"Message must hold at most {MAX_NODES} values")
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ProtocolError(INVALID_MESSAGE, f"'{path}' must be a finite number")
+        elif isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                raise ProtocolError(INVALID_MESSAGE, f"'{path}' nests deeper than {MAX_DEPTH} levels")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    child = f"{path}.{key}" if path else key
+                    _check_text(key, child)
+                    stack.append((item, child, depth + 1))
+            else:
+                stack.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))
+
+
+def _check_text(value: str, path: str) -> None:
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:80]
+        raise ProtocolError(INVALID_MESSAGE, f"'{shown}' must be valid Unicode text (no lone surrogates)") from None
+
+
 def parse_message(text: str) -> Message:
     """Parse one inbound text frame into a message, or raise ProtocolError."""
     try:
@@ -183,6 +273,7 @@ def parse_message(text: str) -> Message:
         raise ProtocolError(INVALID_JSON, "Message is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(INVALID_MESSAGE, "Message must be a JSON object")
+    _check_values(obj)
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise ProtocolError(INVALID_MESSAGE, "'type' is required and must be a string")
@@ -201,6 +292,7 @@ def _parse_register(obj: dict[str, Any]) -> Register:
         username=_username(obj, "username"),
         user_id=_text(obj, "user_id", USER_ID_MAX),
         token=_text(obj, "token", TOKEN_MAX, required=False),
+        device_id=_text(obj, "device_id", DEVICE_ID_MAX, required=False),
         presence=presence,
         resume=bool(_field(obj, "resume", bool, required=False)),
         resume_token=_text(obj, "resume_token", TOKEN_MAX, required=False),

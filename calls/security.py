@@ -16,6 +16,39 @@ from django.utils.http import is_same_domain
 JWT_ALGORITHM = "HS256"
 
 
+def forwarded_client(peer: str, forwarded_for: list[str], trusted_hops: int) -> str:
+    """Return the client's address, believing X-Forwarded-For only as far as `trusted_hops` proxies.
+
+    Each trusted proxy appends the address it received the request from, so the
+    client is the entry `trusted_hops` from the right; entries further left were
+    written by the client itself and prove nothing. With no trusted proxy (the
+    default) the address is the TCP peer's.
+    """
+    if trusted_hops <= 0:
+        return peer
+    entries = [entry.strip() for header in forwarded_for for entry in header.split(",") if entry.strip()]
+    if not entries:
+        return peer
+    return entries[-trusted_hops] if len(entries) >= trusted_hops else entries[0]
+
+
+def scope_client_address(scope: dict) -> str:
+    """Return the client address of an ASGI connection (see `forwarded_client`)."""
+    client = scope.get("client") or ("", 0)
+    forwarded = [
+        value.decode("latin1") for name, value in scope.get("headers", []) if name.lower() == b"x-forwarded-for"
+    ]
+    return forwarded_client(str(client[0] or ""), forwarded, settings.SIGNALING_TRUSTED_PROXIES)
+
+
+def request_client_address(request: Any) -> str:
+    """Return the client address of a Django request (see `forwarded_client`)."""
+    forwarded = request.META.get("HTTP_X_FORWARDED_FOR")
+    return forwarded_client(
+        request.META.get("REMOTE_ADDR", ""), [forwarded] if forwarded else [], settings.SIGNALING_TRUSTED_PROXIES
+    )
+
+
 def _allowed_origin_patterns() -> list[str]:
     return settings.SIGNALING_ALLOWED_ORIGINS or list(settings.ALLOWED_HOSTS)
 

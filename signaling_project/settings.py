@@ -200,6 +200,9 @@ if not re.fullmatch(r"\d+(\.\d+)?/\d+", SIGNALING_RATE):
     raise ImproperlyConfigured(f"SIGNALING_RATE must look like 50/200 (per second/burst), not {SIGNALING_RATE!r}")
 # Users who may be in several calls at once and are never busy (e.g. the echo bot).
 SIGNALING_MULTI_CALL_USERS = env_list("SIGNALING_MULTI_CALL_USERS", [])
+# Proxies in front of the server that append to X-Forwarded-For (Render: 1). Client
+# addresses (connection limits, login throttling) come from that header only this far.
+SIGNALING_TRUSTED_PROXIES = env_int("SIGNALING_TRUSTED_PROXIES", 0, minimum=0, maximum=10)
 SIGNALING_MAX_SESSIONS_PER_USER = env_int("SIGNALING_MAX_SESSIONS_PER_USER", 5, minimum=1)
 SIGNALING_REGISTER_TIMEOUT = env_float("SIGNALING_REGISTER_TIMEOUT", 10.0, minimum=0.1)
 # Bytes daphne may hold for a client that stops reading before it is disconnected.
@@ -209,6 +212,24 @@ SIGNALING_PING_INTERVAL = env_int("SIGNALING_PING_INTERVAL", 20, minimum=1)
 SIGNALING_PING_TIMEOUT = env_int("SIGNALING_PING_TIMEOUT", 20, minimum=1)
 SIGNALING_RESUME_GRACE = env_float("SIGNALING_RESUME_GRACE", 30.0, minimum=0.1)
 SIGNALING_RESUME_QUEUE_LIMIT = env_int("SIGNALING_RESUME_QUEUE_LIMIT", 200, minimum=1)
+# ... and in bytes: what a held session may pile up (and, on a shutdown, copy into Redis).
+SIGNALING_RESUME_QUEUE_BYTES = env_int("SIGNALING_RESUME_QUEUE_BYTES", 1048576, minimum=1024)
+# Abuse limits (0 disables each). New sockets a client address may open per second,
+# and sockets it may hold that have not registered yet; registered sockets are not
+# capped per address, since mobile carriers put thousands of users behind one.
+SIGNALING_CONNECT_RATE_PER_ADDRESS = env_float("SIGNALING_CONNECT_RATE_PER_ADDRESS", 20.0, minimum=0)
+SIGNALING_MAX_PENDING_PER_ADDRESS = env_int("SIGNALING_MAX_PENDING_PER_ADDRESS", 50, minimum=0)
+# Sockets one process holds at most, registered or not.
+SIGNALING_MAX_CONNECTIONS = env_int("SIGNALING_MAX_CONNECTIONS", 10000, minimum=0)
+# Calls a user may start per minute, and unanswered calls in a row from one caller
+# to one callee (an answer resets it) within an hour: ring-spam keeps nobody busy.
+SIGNALING_CALLS_PER_MINUTE = env_int("SIGNALING_CALLS_PER_MINUTE", 20, minimum=0)
+SIGNALING_UNANSWERED_CALLS_PER_CALLEE = env_int("SIGNALING_UNANSWERED_CALLS_PER_CALLEE", 5, minimum=0)
+# Call history older than this many days is deleted by a periodic job (0 keeps it).
+SIGNALING_HISTORY_DAYS = env_int("SIGNALING_HISTORY_DAYS", 90, minimum=0)
+# Password checks (POST /api/token, /api/users, admin login) running at once; more
+# are refused with 503 at once instead of queueing behind each other.
+SIGNALING_LOGIN_CONCURRENCY = env_int("SIGNALING_LOGIN_CONCURRENCY", 2, minimum=1)
 SIGNALING_ICE_SERVERS = env_json_list("SIGNALING_ICE_SERVERS")
 SIGNALING_TURN_URLS = env_list("SIGNALING_TURN_URLS", [])
 SIGNALING_TURN_SECRET = env_str("SIGNALING_TURN_SECRET")
