@@ -24,16 +24,18 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.utils import timezone
 
 from calls import lifecycle, metrics, protocol
+from calls.backpressure import SOCKET_EXTENSION
 from calls.groups import user_group
 from calls.ice import ice_servers_for
-from calls.lifecycle import CallRecord, CallRefused
+from calls.lifecycle import Actor, CallRecord, CallRefused
 from calls.presence import JoinRefused, SessionInfo
 from calls.protocol import CLOSE_SERVICE_RESTART, ProtocolError
 from calls.resume import ResumableSession, make_token
-from calls.runtime import Runtime
-from calls.security import TokenInvalid, new_bucket, verify_token
+from calls.runtime import PROBE_TIMEOUT, Runtime
+from calls.security import TokenInvalid, new_bucket, scope_client_address, token_identity
 from calls.session import LiveCall
 from calls.states import EndReason
 
@@ -53,6 +55,8 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
     async def connect(self) -> None:
         await self.runtime.start()
         self.session: SessionInfo | None = None
+        self.device_id = ""
+        self.registered_at = timezone.now()
         self.delta_presence = False
         self.resume_token: str | None = None
         self.resume_nonce: str | None = None
@@ -61,15 +65,24 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         self.calls: dict[str, LiveCall] = {}
         self.bucket = new_bucket()
         self.strikes = 0
+        self.address = scope_client_address(self.scope)
+        refusal = self.runtime.limits.admit(self.address)
+        # Counted by the limits until it registers (pending) and until it closes (admitted).
+        self.admitted = self.pending = refusal is None
         await self.accept()
         metrics.connection_opened()
         self.counted = True
-        if self.runtime.draining:  # accepted just before the listening socket closed
-            self.draining = True
-            await self.close(code=CLOSE_SERVICE_RESTART)
         self.register_deadline = asyncio.get_running_loop().call_later(
             settings.SIGNALING_REGISTER_TIMEOUT, self._register_timeout
         )
+        if refusal is not None:
+            logger.info("connection refused: limit", extra={"session": self.channel_name, "address": self.address})
+            await self.send_error(protocol.TOO_MANY_CONNECTIONS, refusal)
+            self.draining = True  # nothing but the client's close is handled from now on
+            await self.close(code=CLOSE_POLICY)
+        elif self.runtime.draining:  # accepted just before the listening socket closed
+            self.draining = True
+            await self.close(code=CLOSE_SERVICE_RESTART)
 
     async def __call__(self, scope, receive, send) -> None:
         """Run the consumer: one inbox, fed by the socket and by the channel layer, read in order.
@@ -202,44 +215,94 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
                 await self.send_json({"type": protocol.PONG, "server_time": protocol.utc_timestamp()})
 
     async def register(self, message: protocol.Register) -> None:
-        username = message.username
+        username, user_id = message.username, message.user_id
         if settings.SIGNALING_AUTH == "token":
             try:
-                username = verify_token(message.token)
+                identity = token_identity(message.token)
             except TokenInvalid as exc:
                 await self.send_error(protocol.UNAUTHORIZED, str(exc))
                 await self.close(code=CLOSE_UNAUTHORIZED)
                 return
+            # The account's stable id, the same on every device: not the client's word.
+            username, user_id = identity.username, identity.user_id
         if self.session is not None:
             if self.session.username != username:
                 raise ProtocolError(protocol.ALREADY_REGISTERED, "This socket is already registered")
             await self.send_registered()
             return
+        self.device_id = message.device_id or ""
         if message.resume_token is not None:
-            await self.request_resume(message, username)
+            await self.request_resume(message, username, user_id)
             return
-        session = SessionInfo(self.channel_name, username, message.user_id)
-        try:
-            came_online = await self.runtime.store.join(
-                session, settings.SIGNALING_MAX_SESSIONS_PER_USER, self.runtime.lease_seconds
-            )
-        except JoinRefused as exc:
-            raise ProtocolError(exc.code, exc.message) from None
+        session = SessionInfo(self.channel_name, username, user_id)
+        came_online = await self.join_presence(session)
         self.session = session
+        self.registered_at = timezone.now()
         metrics.session_registered()
         self.register_deadline.cancel()
+        self.admitted_registered()
         self.runtime.sessions[self.channel_name] = self
         await self.channel_layer.group_add(user_group(username), self.channel_name)
         # Before the reply: once a client is registered, a call to it on any process finds its row.
-        await self.runtime.users.touch(username, message.user_id)
-        logger.info("session registered", extra={"session": self.channel_name, "user": username})
+        await self.runtime.users.touch(username, user_id)
+        logger.info(
+            "session registered", extra={"session": self.channel_name, "user": username, "device": self.device_id}
+        )
         if message.resume:
-            self.resume_token, self.resume_nonce = make_token(self.channel_name, username, message.user_id)
+            self.resume_token, self.resume_nonce = make_token(self.channel_name, username, user_id)
         await self.send_registered()
         self.delta_presence = message.presence == "delta"
         self.runtime.hub.listen(self.channel_name, self.send_text, self.delta_presence)
         if came_online:
             await self.runtime.presence_changed()
+
+    async def join_presence(self, session: SessionInfo) -> bool:
+        """List the session; return whether its user came online. Raise ProtocolError when refused.
+
+        In open mode nothing proves who owns a name, so a name has one live
+        session: a second register is refused, whatever user_id it carries. The
+        exception keeps v1 phones working across a network switch, where the old
+        socket lingers until the ping timeout: when the newcomer carries the
+        holder's user_id, the holder is probed, and one that does not answer
+        is ended as a drop and gives way.
+        """
+        store, lease = self.runtime.store, self.runtime.lease_seconds
+        if settings.SIGNALING_AUTH == "token":
+            try:
+                return await store.join(session, settings.SIGNALING_MAX_SESSIONS_PER_USER, lease)
+            except JoinRefused as exc:
+                raise ProtocolError(exc.code, exc.message) from None
+        try:
+            return await store.join(session, 1, lease)
+        except JoinRefused as exc:
+            holders = exc.holders
+        if not holders or any(holder.user_id != session.user_id for holder in holders):
+            raise ProtocolError(protocol.USERNAME_TAKEN, "That username is online on another connection")
+        gone = await self.runtime.probe_sessions([holder.channel for holder in holders])
+        if len(gone) < len(holders):
+            raise ProtocolError(protocol.USERNAME_TAKEN, "That username is online on another connection")
+        logger.info("register replaces a silent session", extra={"session": self.channel_name, "replaced": len(gone)})
+        try:
+            return await store.join(session, 1, lease, displace=gone)
+        except JoinRefused:
+            raise ProtocolError(protocol.USERNAME_TAKEN, "That username is online on another connection") from None
+
+    def admitted_registered(self) -> None:
+        """This socket registered: it no longer counts against its address's unregistered sockets."""
+        if self.pending:
+            self.pending = False
+            self.runtime.limits.registered(self.address)
+
+    def release_limits(self) -> None:
+        """The socket closed: it no longer counts against the connection limits (once)."""
+        if getattr(self, "admitted", False):
+            self.admitted = False
+            self.runtime.limits.closed(self.address, self.pending)
+            self.pending = False
+
+    def actor(self) -> Actor:
+        """This session as the actor of a call change."""
+        return Actor(self.channel_name, self.session.username if self.session else "", self.device_id)
 
     async def send_registered(self, **extra: Any) -> None:
         reply = {
@@ -248,18 +311,25 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
             "user_id": self.session.user_id,
             "ice_servers": ice_servers_for(self.session.username),
         }
+        if self.device_id:
+            reply["device_id"] = self.device_id
         if self.resume_token is not None:
             reply["resume_token"] = self.resume_token
         await self.send_json({**reply, **extra})
 
     async def request_call(self, message: protocol.CallRequest) -> None:
         me, target = self.session.username, message.target_username
-        if target == me:
+        if protocol.username_key(target) == protocol.username_key(me):
             raise ProtocolError(protocol.INVALID_MESSAGE, "You cannot call yourself")
-        if not await self.runtime.store.sessions_of(target):
+        refusal = self.runtime.call_limits.check(me, target)
+        if refusal is not None:
+            raise ProtocolError(protocol.CALL_RATE_LIMITED, refusal)
+        sessions = await self.runtime.store.sessions_of(target)
+        if not sessions:
             raise ProtocolError(protocol.USER_OFFLINE_CODE, f"{target} is not online")
+        target = sessions[0].username  # as its owner writes it
         record: CallRecord = await database_sync_to_async(lifecycle.start_call)(
-            me, self.channel_name, target, settings.SIGNALING_RING_TIMEOUT
+            self.actor(), target, settings.SIGNALING_RING_TIMEOUT
         )
         if record.end_reason == EndReason.BUSY:
             await self.send_json(
@@ -301,9 +371,7 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         call = self.find_call(message.call_id, message.caller_username, ringing_for_me=True)
         if call is None:
             raise ProtocolError(protocol.NOT_RINGING, "That call is not ringing for you")
-        record = await database_sync_to_async(lifecycle.accept_call)(
-            call.call_id, self.session.username, self.channel_name
-        )
+        record = await database_sync_to_async(lifecycle.accept_call)(call.call_id, self.actor())
         self.runtime.cancel_ring_timeout(call.call_id)
         call.answered = True
         call.peer_channel = record.caller_channel
@@ -326,7 +394,7 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         if call is None:
             raise ProtocolError(protocol.NOT_RINGING, "That call is not ringing for you")
         record = await database_sync_to_async(lifecycle.end_call)(
-            call.call_id, EndReason.REJECTED, self.channel_name, self.session.username
+            call.call_id, EndReason.REJECTED, self.actor(), party=True
         )
         self.calls.pop(call.call_id, None)
         if record is not None:
@@ -338,7 +406,7 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
             raise ProtocolError(protocol.NOT_IN_CALL, "You are not in a call with that user")
         self.calls.pop(call.call_id, None)
         record = await database_sync_to_async(lifecycle.end_call)(
-            call.call_id, EndReason.HANGUP, self.channel_name, self.session.username
+            call.call_id, EndReason.HANGUP, self.actor(), party=True
         )
         if record is not None:
             await self.runtime.notify_call_ended(record)
@@ -379,7 +447,11 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
             await self.channel_layer.group_send(user_group(call.peer_username), event)
 
     async def send_history(self, message: protocol.HistoryRequest) -> None:
-        calls = await database_sync_to_async(lifecycle.call_history)(self.session.username, message.limit)
+        if settings.SIGNALING_AUTH == "token":
+            scope: dict[str, Any] = {}
+        else:  # nothing proves this is who used the name before: only this session's calls
+            scope = {"session": self.channel_name, "since": self.registered_at}
+        calls = await database_sync_to_async(lifecycle.call_history)(self.session.username, message.limit, **scope)
         await self.send_json({"type": protocol.CALL_HISTORY, "calls": calls})
 
     # --- Channel-layer events (types set by this server only) -----------
@@ -405,6 +477,7 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         if call is None:
             return
         self.runtime.cancel_ring_timeout(call.call_id)
+        self.runtime.call_limits.answered(self.session.username, call.peer_username)
         call.answered = True
         call.peer_channel = event["accepter_channel"]
         await self.send_json(
@@ -456,6 +529,36 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
             metrics.observe_relay(time.time() - event["sent_at"])
             await self.send(text_data=event["text"])
 
+    async def session_probe(self, event: dict[str, Any]) -> None:
+        """A register for this name asks whether this session's client still answers: ping it."""
+        socket = self.scope.get("extensions", {}).get(SOCKET_EXTENSION)
+        if self.session is None or socket is None:
+            # No session to defend; or a server that cannot ping (tests in-process): alive.
+            await self.runtime.answer_probe(event["reply_to"], event["token"], self.session is not None)
+            return
+
+        async def ping() -> None:
+            alive = await socket["probe"](PROBE_TIMEOUT)
+            self.post({**event, "type": "session.probe_result", "alive": alive})
+
+        self.runtime.track(asyncio.get_running_loop().create_task(ping()))
+
+    async def session_probe_result(self, event: dict[str, Any]) -> None:
+        if self.session is not None and not event["alive"]:
+            logger.info("session did not answer a ping; dropped", extra={"session": self.channel_name})
+            self.scope["extensions"][SOCKET_EXTENSION]["abort"]()
+            await self.end_as_drop(1006)
+        await self.runtime.answer_probe(event["reply_to"], event["token"], event["alive"] and self.session is not None)
+
+    async def end_as_drop(self, code: int) -> None:
+        """End this session as a dropped socket ends: held for a resume if it asked for one."""
+        if self.resume_token is not None:
+            await self.hold(code)
+            return
+        self.runtime.hub.unlisten(self.channel_name)
+        await self.end_session(code)
+        self.session = None
+
     # --- Output and teardown --------------------------------------------
 
     async def send_json(self, content: dict[str, Any]) -> None:
@@ -471,6 +574,7 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if hasattr(self, "register_deadline"):
             self.register_deadline.cancel()
+        self.release_limits()
         if getattr(self, "counted", False):
             metrics.connection_closed()
         if getattr(self, "pending_resume", None) is not None:
@@ -488,7 +592,7 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         self.runtime.sessions.pop(self.channel_name, None)
         await self.channel_layer.group_discard(user_group(username), self.channel_name)
         _, went_offline = await self.runtime.store.leave(self.channel_name)
-        ended = await database_sync_to_async(_end_calls_after_disconnect)(self.channel_name, username, went_offline)
+        ended = await database_sync_to_async(_end_calls_after_disconnect)(self.actor(), went_offline)
         for record in ended:
             await self.runtime.notify_call_ended(record)
         if went_offline:
@@ -496,10 +600,10 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         logger.info("session ended", extra={"session": self.channel_name, "user": username, "code": code})
 
 
-def _end_calls_after_disconnect(channel: str, username: str, went_offline: bool) -> list[CallRecord]:
+def _end_calls_after_disconnect(actor: Actor, went_offline: bool) -> list[CallRecord]:
     """End the calls a closed session held, and calls ringing for a user now offline."""
-    call_ids = lifecycle.calls_of_session(channel)
+    call_ids = lifecycle.calls_of_session(actor.session)
     if went_offline:
-        call_ids += lifecycle.ringing_calls_to(username)
-    ended = [lifecycle.end_call(call_id, EndReason.DISCONNECTED, channel) for call_id in call_ids]
+        call_ids += lifecycle.ringing_calls_to(actor.username)
+    ended = [lifecycle.end_call(call_id, EndReason.DISCONNECTED, actor) for call_id in call_ids]
     return [record for record in ended if record is not None]

@@ -22,6 +22,9 @@ from calls.states import END_STATUS, LIVE_STATUSES, CallStatus, EndReason, check
 
 logger = logging.getLogger(__name__)
 
+# Calls deleted per transaction by the retention job: short locks on a big table.
+HISTORY_DELETE_BATCH = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class CallRecord:
@@ -59,11 +62,31 @@ class CallRefused(Exception):
         self.message = message
 
 
-def _record_event(call: Call, old: str, reason: str | None, session: str) -> None:
-    CallEvent.objects.create(call=call, old_status=old, new_status=call.status, reason=reason, session=session)
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who makes a change: a session (its channel, user and device), or the server (all empty)."""
+
+    session: str = ""
+    username: str = ""
+    device: str = ""
 
 
-def _transition(call: Call, new: CallStatus, reason: EndReason | None, session: str) -> None:
+SERVER = Actor()
+
+
+def _record_event(call: Call, old: str, reason: str | None, actor: Actor) -> None:
+    CallEvent.objects.create(
+        call=call,
+        old_status=old,
+        new_status=call.status,
+        reason=reason,
+        session=actor.session,
+        username=actor.username,
+        device=actor.device,
+    )
+
+
+def _transition(call: Call, new: CallStatus, reason: EndReason | None, actor: Actor) -> None:
     """Apply one allowed transition to a row locked by the caller, and record it."""
     old = call.status
     check_transition(old, new, reason)
@@ -72,15 +95,23 @@ def _transition(call: Call, new: CallStatus, reason: EndReason | None, session: 
     call.end_reason = reason
     if new == CallStatus.ANSWERED:
         call.answered_at = now
-        call.callee_channel = session
+        call.callee_channel = actor.session
+        call.callee_device = actor.device
     elif new not in LIVE_STATUSES:
         call.ended_at = now
-    call.save(update_fields=["status", "end_reason", "answered_at", "ended_at", "callee_channel"])
-    _record_event(call, old, reason, session)
+    call.save(update_fields=["status", "end_reason", "answered_at", "ended_at", "callee_channel", "callee_device"])
+    _record_event(call, old, reason, actor)
     transaction.on_commit(lambda: metrics.call_transition(new, reason))
     logger.info(
         "call transition",
-        extra={"call": str(call.id), "old_status": old, "new_status": new, "reason": reason, "session": session},
+        extra={
+            "call": str(call.id),
+            "old_status": old,
+            "new_status": new,
+            "reason": reason,
+            "session": actor.session,
+            "device": actor.device,
+        },
     )
 
 
@@ -110,13 +141,14 @@ def touch_users(users: dict[str, str]) -> None:
     )
 
 
-def start_call(caller_username: str, caller_channel: str, callee_username: str, ring_timeout: float) -> CallRecord:
+def start_call(caller: Actor, callee_username: str, ring_timeout: float) -> CallRecord:
     """Create a call: ringing, or busy when either party already has a live call.
 
     Both users' rows are locked in a fixed order, so two calls racing towards the
     same user are serialised and the second one sees the first.
     """
     now = timezone.now()
+    caller_username = caller.username
     with transaction.atomic():
         users = {
             u.username: u
@@ -124,23 +156,24 @@ def start_call(caller_username: str, caller_channel: str, callee_username: str, 
             .filter(username__in=[caller_username, callee_username])
             .order_by("pk")
         }
-        caller, callee = users[caller_username], users.get(callee_username)
+        caller_row, callee = users[caller_username], users.get(callee_username)
         if callee is None:  # listed, but its registration has not reached the database yet
             raise CallRefused("user_offline", f"{callee_username} is not online")
         multi = settings.SIGNALING_MULTI_CALL_USERS
-        if caller_username not in multi and Call.objects.live().involving(caller).exists():
+        if caller_username not in multi and Call.objects.live().involving(caller_row).exists():
             raise CallRefused("already_in_call", "You are already in a call; end it first")
         busy = callee_username not in multi and Call.objects.live().involving(callee).exists()
         call = Call.objects.create(
-            caller=caller,
+            caller=caller_row,
             callee=callee,
             status=CallStatus.BUSY if busy else CallStatus.RINGING,
             end_reason=EndReason.BUSY if busy else None,
             ended_at=now if busy else None,
             ring_deadline=None if busy else now + timedelta(seconds=ring_timeout),
-            caller_channel=caller_channel,
+            caller_channel=caller.session,
+            caller_device=caller.device,
         )
-        _record_event(call, "", call.end_reason, caller_channel)
+        _record_event(call, "", call.end_reason, caller)
         status, reason = call.status, call.end_reason
         transaction.on_commit(lambda: metrics.call_transition(status, reason))
     logger.info(
@@ -150,24 +183,30 @@ def start_call(caller_username: str, caller_channel: str, callee_username: str, 
             "caller": caller_username,
             "callee": callee_username,
             "status": call.status,
-            "session": caller_channel,
+            "session": caller.session,
+            "device": caller.device,
         },
     )
     return CallRecord.of(call)
 
 
-def accept_call(call_id: str, callee_username: str, session: str) -> CallRecord:
+def accept_call(call_id: str, callee: Actor) -> CallRecord:
     """Answer a ringing call from one of the callee's sessions; the first one wins."""
     with transaction.atomic():
         call = _locked_live_call(call_id)
-        if call is None or call.callee.username != callee_username or call.status != CallStatus.RINGING:
+        if call is None or call.callee.username != callee.username or call.status != CallStatus.RINGING:
             raise CallRefused("not_ringing", "That call is not ringing for you")
-        _transition(call, CallStatus.ANSWERED, None, session)
+        _transition(call, CallStatus.ANSWERED, None, callee)
         return CallRecord.of(call)
 
 
-def end_call(call_id: str, reason: EndReason, session: str, by_username: str | None = None) -> CallRecord | None:
-    """End a live call for `reason`; None when it had already ended."""
+def end_call(call_id: str, reason: EndReason, actor: Actor = SERVER, *, party: bool = False) -> CallRecord | None:
+    """End a live call for `reason`; None when it had already ended.
+
+    With `party`, the actor must be the caller or the callee (a hang-up or a
+    rejection); otherwise the server ends it (a drop, a timeout).
+    """
+    by_username = actor.username if party else None
     with transaction.atomic():
         call = _locked_live_call(call_id)
         if call is None:
@@ -183,7 +222,7 @@ def end_call(call_id: str, reason: EndReason, session: str, by_username: str | N
         new_status = END_STATUS.get((CallStatus(call.status), reason))
         if new_status is None:  # e.g. a ring timeout firing after the answer
             return None
-        _transition(call, new_status, reason, session)
+        _transition(call, new_status, reason, actor)
         return CallRecord.of(call)
 
 
@@ -191,7 +230,7 @@ def expire_overdue_calls(now: datetime | None = None) -> list[CallRecord]:
     """End every ringing call whose ring deadline has passed, with reason timeout."""
     now = now or timezone.now()
     overdue = Call.objects.filter(status=CallStatus.RINGING, ring_deadline__lte=now).values_list("pk", flat=True)
-    ended = [end_call(str(pk), EndReason.TIMEOUT, session="") for pk in list(overdue)]
+    ended = [end_call(str(pk), EndReason.TIMEOUT) for pk in list(overdue)]
     return [record for record in ended if record is not None]
 
 
@@ -208,7 +247,7 @@ def end_calls_of_vanished(live_channels: Iterable[str], online_usernames: Iterab
         )
         if gone:
             doomed.append(str(call.pk))
-    ended = [end_call(pk, EndReason.DISCONNECTED, session="") for pk in doomed]
+    ended = [end_call(pk, EndReason.DISCONNECTED) for pk in doomed]
     return [record for record in ended if record is not None]
 
 
@@ -243,14 +282,40 @@ def ringing_calls_to(username: str) -> list[str]:
     ]
 
 
-def call_history(username: str, limit: int) -> list[dict]:
-    """Return the user's calls, newest first, as wire dictionaries."""
-    calls = (
-        Call.objects.filter(Q(caller__username=username) | Q(callee__username=username))
-        .select_related("caller", "callee")
-        .order_by("-created_at")[:limit]
-    )
+def call_history(username: str, limit: int, session: str | None = None, since: datetime | None = None) -> list[dict]:
+    """Return the user's calls, newest first, as wire dictionaries.
+
+    With `session`, only the calls that session took part in: those it made,
+    answered or acted on, and those to its user since `since` (when it
+    registered). Open mode asks this way, since nothing proves that one who
+    registers a name now is the one who used it before.
+    """
+    if session is None:
+        mine = Q(caller__username=username) | Q(callee__username=username)
+    else:
+        acted = CallEvent.objects.filter(session=session).values("call_id")
+        mine = Q(caller_channel=session) | Q(callee_channel=session) | Q(pk__in=acted)
+        if since is not None:
+            mine |= Q(callee__username=username, created_at__gte=since)
+    calls = Call.objects.filter(mine).select_related("caller", "callee").order_by("-created_at")[:limit]
     return [_history_item(call) for call in calls]
+
+
+def delete_history_before(cutoff: datetime) -> int:
+    """Delete ended calls (and their events) started before `cutoff`; return how many calls."""
+    deleted = 0
+    while True:
+        batch = list(
+            Call.objects.filter(created_at__lt=cutoff)
+            .exclude(status__in=LIVE_STATUSES)
+            .values_list("pk", flat=True)[:HISTORY_DELETE_BATCH]
+        )
+        if not batch:
+            return deleted
+        with transaction.atomic():
+            CallEvent.objects.filter(call_id__in=batch).delete()
+            Call.objects.filter(pk__in=batch).delete()
+        deleted += len(batch)
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -269,4 +334,6 @@ def _history_item(call: Call) -> dict:
         "answered_at": _iso(call.answered_at),
         "ended_at": _iso(call.ended_at),
         "duration_s": round(duration.total_seconds(), 3) if duration is not None else None,
+        "caller_device_id": call.caller_device or None,
+        "callee_device_id": call.callee_device or None,
     }

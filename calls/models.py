@@ -51,6 +51,9 @@ class Call(models.Model):
     # signaling for the call goes to these sessions only.
     caller_channel = models.CharField(max_length=200, blank=True)
     callee_channel = models.CharField(max_length=200, blank=True)
+    # The `device_id`s the caller's session and the answering session registered with.
+    caller_device = models.CharField(max_length=128, blank=True)
+    callee_device = models.CharField(max_length=128, blank=True)
 
     objects = CallQuerySet.as_manager()
 
@@ -79,6 +82,8 @@ class CallEvent(models.Model):
     new_status = models.CharField(max_length=16, choices=CallStatus.choices)
     reason = models.CharField(max_length=16, choices=EndReason.choices, null=True, blank=True)  # noqa: DJ001
     session = models.CharField(max_length=200, blank=True, help_text="Channel name of the acting session")
+    username = models.CharField(max_length=64, blank=True, help_text="Who acted (empty: the server)")
+    device = models.CharField(max_length=128, blank=True, help_text="The acting session's device_id")
     at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

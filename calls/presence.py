@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,12 +41,16 @@ class SessionInfo:
 
 
 class JoinRefused(Exception):
-    """A registration the presence rules refuse; `code` goes back to the client."""
+    """A registration the presence rules refuse; `code` goes back to the client.
 
-    def __init__(self, code: str, message: str) -> None:
+    `holders` are the sessions that hold the name (or the slots) against it.
+    """
+
+    def __init__(self, code: str, message: str, holders: tuple[SessionInfo, ...] = ()) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.holders = holders
 
 
 class StoreUnavailable(Exception):
@@ -57,11 +61,13 @@ class PresenceStore(Protocol):
     # Whether other processes see this store (and so can carry a parked session).
     shared: bool
 
-    async def join(self, session: SessionInfo, max_sessions: int, ttl: float) -> bool:
+    async def join(self, session: SessionInfo, max_sessions: int, ttl: float, displace: Collection[str] = ()) -> bool:
         """Add a session; return True if its user just came online.
 
-        Raise JoinRefused when another user_id holds the username, or the user
-        already has `max_sessions` sessions.
+        Usernames are compared by `protocol.username_key`. Raise JoinRefused when
+        another user_id holds the username, or the user already has
+        `max_sessions` sessions; sessions named in `displace` (found dead, or
+        held for a resume) count for neither.
         """
 
     async def leave(self, channel: str) -> tuple[SessionInfo | None, bool]:
@@ -85,8 +91,8 @@ class PresenceStore(Protocol):
     async def online_users(self) -> list[dict[str, str]]:
         """Return the online users, one entry each, sorted by username."""
 
-    async def sessions_of(self, username: str) -> list[str]:
-        """Return the channel names of the user's live sessions."""
+    async def sessions_of(self, username: str) -> list[SessionInfo]:
+        """Return the user's live sessions (the username compared by `protocol.username_key`)."""
 
     async def live_channels(self) -> set[str]:
         """Return the channel names of every live session."""
@@ -127,24 +133,29 @@ class MemoryPresenceStore:
         self._by_user: dict[str, dict[str, SessionInfo]] = {}
         self._parked: dict[str, tuple[float, dict]] = {}
 
-    async def join(self, session: SessionInfo, max_sessions: int, ttl: float) -> bool:
-        held = self._by_user.get(session.username, {})
-        if any(other.user_id != session.user_id for other in held.values()):
-            raise JoinRefused(protocol.USERNAME_TAKEN, "That username is in use by another user_id")
-        if session.channel not in held and len(held) >= max_sessions:
-            raise JoinRefused(protocol.TOO_MANY_SESSIONS, f"At most {max_sessions} sessions per user")
+    async def join(self, session: SessionInfo, max_sessions: int, ttl: float, displace: Collection[str] = ()) -> bool:
+        key = protocol.username_key(session.username)
+        held = self._by_user.get(key, {})
+        others = tuple(
+            other for channel, other in held.items() if channel != session.channel and channel not in displace
+        )
+        if any(other.user_id != session.user_id for other in others):
+            raise JoinRefused(protocol.USERNAME_TAKEN, "That username is in use by another user_id", others)
+        if len(others) >= max_sessions:
+            raise JoinRefused(protocol.TOO_MANY_SESSIONS, f"At most {max_sessions} sessions per user", others)
         self._leases[session.channel] = _Lease(session, time.monotonic() + ttl)
-        self._by_user.setdefault(session.username, {})[session.channel] = session
+        self._by_user.setdefault(key, {})[session.channel] = session
         return not held
 
     async def leave(self, channel: str) -> tuple[SessionInfo | None, bool]:
         lease = self._leases.pop(channel, None)
         if lease is None:
             return None, False
-        held = self._by_user.get(lease.session.username, {})
+        key = protocol.username_key(lease.session.username)
+        held = self._by_user.get(key, {})
         held.pop(channel, None)
         if not held:
-            self._by_user.pop(lease.session.username, None)
+            self._by_user.pop(key, None)
         return lease.session, not held
 
     async def restore(
@@ -177,13 +188,13 @@ class MemoryPresenceStore:
         return gone
 
     async def online_users(self) -> list[dict[str, str]]:
+        firsts = [next(iter(sessions.values())) for sessions in self._by_user.values()]
         return [
-            {"username": username, "user_id": next(iter(sessions.values())).user_id}
-            for username, sessions in sorted(self._by_user.items())
+            {"username": first.username, "user_id": first.user_id} for first in sorted(firsts, key=lambda s: s.username)
         ]
 
-    async def sessions_of(self, username: str) -> list[str]:
-        return list(self._by_user.get(username, {}))
+    async def sessions_of(self, username: str) -> list[SessionInfo]:
+        return list(self._by_user.get(protocol.username_key(username), {}).values())
 
     async def live_channels(self) -> set[str]:
         return set(self._leases)
@@ -287,10 +298,14 @@ class PresenceHub:
             if self._snapshot.get(name) != uid
         ]
         self._snapshot = current
-        for listener in list(self._listeners.values()):
-            if not listener.delta or listener.needs_snapshot:
-                listener.needs_snapshot = False
-                await listener.send(full_text)
-            else:
-                for text in deltas:
-                    await listener.send(text)
+        for channel, listener in list(self._listeners.items()):
+            try:
+                if not listener.delta or listener.needs_snapshot:
+                    listener.needs_snapshot = False
+                    await listener.send(full_text)
+                else:
+                    for text in deltas:
+                        await listener.send(text)
+            except Exception as exc:  # noqa: BLE001 - one socket's failure is not the others'
+                # A socket that went away mid-broadcast: its disconnect is on its way.
+                logger.info("presence not sent to one session", extra={"session": channel, "error": repr(exc)})

@@ -2,9 +2,12 @@
 
 Keys (all under `signaling:presence:`):
     leases          sorted set: channel -> lease expiry (Redis server time, ms)
-    sessions        hash: channel -> JSON [username, user_id]
-    user:<username> set of the user's channels
-    online          hash: username -> user_id, for users with at least one session
+    sessions        hash: channel -> JSON [username, user_id, key]
+    user:<key>      set of the user's channels
+    online          hash: key -> JSON [username, user_id], for users with at least one session
+
+`key` is `protocol.username_key(username)`: names that differ only in case or
+width have one owner.
     epoch           a random id, written when the data set is new (see `epoch`)
     parked:<channel> JSON state of a session parked by a process shutting down
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -61,19 +64,22 @@ local function drop(channel, user_prefix)
         return nil, 0
     end
     redis.call('HDEL', KEYS[2], channel)
-    local username = cjson.decode(info)[1]
-    local user_key = user_prefix .. username
+    local fields = cjson.decode(info)
+    local key = fields[3] or fields[1]
+    local user_key = user_prefix .. key
     redis.call('SREM', user_key, channel)
     if redis.call('SCARD', user_key) == 0 then
-        redis.call('HDEL', KEYS[3], username)
+        redis.call('HDEL', KEYS[3], key)
         return info, 1
     end
     return info, 0
 end
 """
 
-# KEYS: leases, sessions, online, user:<name>. ARGV: channel, username, user_id, max, ttl_ms, info.
-# Returns 1 (user came online), 0 (joined), -1 (username taken), -2 (too many sessions).
+# KEYS: leases, sessions, online, user:<key>.
+# ARGV: channel, key, user_id, max, ttl_ms, info, online entry, displaced channel...
+# Returns {1} (user came online), {0} (joined), or {-1 (username taken) or -2 (too many
+# sessions), then channel, info of each session that holds the name against it}.
 JOIN = (
     _NOW_MS
     + """
@@ -86,25 +92,43 @@ for _, channel in ipairs(redis.call('SMEMBERS', KEYS[4])) do
         redis.call('HDEL', KEYS[2], channel)
     end
 end
-local count = redis.call('SCARD', KEYS[4])
-if count == 0 then
+local total = redis.call('SCARD', KEYS[4])
+if total == 0 then
     redis.call('HDEL', KEYS[3], ARGV[2])
 end
-local holder = redis.call('HGET', KEYS[3], ARGV[2])
-if holder and holder ~= ARGV[3] then
-    return -1
+-- Displaced sessions (found dead, or held for a resume) count for nothing.
+local displaced = {}
+for i = 8, #ARGV do
+    displaced[ARGV[i]] = true
 end
-if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 0 and count >= tonumber(ARGV[4]) then
-    return -2
+local others = {}
+local taken = false
+for _, channel in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+    local info = redis.call('HGET', KEYS[2], channel)
+    if info and channel ~= ARGV[1] and not displaced[channel] then
+        table.insert(others, channel)
+        table.insert(others, info)
+        if cjson.decode(info)[2] ~= ARGV[3] then
+            taken = true
+        end
+    end
+end
+if taken then
+    table.insert(others, 1, -1)
+    return others
+end
+if #others / 2 >= tonumber(ARGV[4]) then
+    table.insert(others, 1, -2)
+    return others
 end
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[1])
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-if count == 0 then
-    return 1
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[7])
+if total == 0 then
+    return {1}
 end
-return 0
+return {0}
 """
 )
 
@@ -155,15 +179,18 @@ return out
 """
 )
 
-# KEYS: leases, user:<name>. Returns the user's channels whose lease has not run out.
+# KEYS: leases, user:<key>, sessions. Returns {channel, info, ...} of the user's sessions
+# whose lease has not run out.
 SESSIONS_OF = (
     _NOW_MS
     + """
 local live = {}
 for _, channel in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     local expires = redis.call('ZSCORE', KEYS[1], channel)
-    if expires and tonumber(expires) > now then
+    local info = redis.call('HGET', KEYS[3], channel)
+    if expires and tonumber(expires) > now and info then
         table.insert(live, channel)
+        table.insert(live, info)
     end
 end
 return live
@@ -242,23 +269,29 @@ class RedisPresenceStore:
         self._claim = self.redis.register_script(CLAIM)
 
     @staticmethod
-    def _join_args(session: SessionInfo, max_sessions: int, ttl: float) -> tuple[list[str], list[Any]]:
-        keys = [LEASES, SESSIONS, ONLINE, USER_PREFIX + session.username]
-        info = json.dumps([session.username, session.user_id])
-        return keys, [session.channel, session.username, session.user_id, max_sessions, _ms(ttl), info]
+    def _join_args(
+        session: SessionInfo, max_sessions: int, ttl: float, displace: Collection[str] = ()
+    ) -> tuple[list[str], list[Any]]:
+        key = protocol.username_key(session.username)
+        keys = [LEASES, SESSIONS, ONLINE, USER_PREFIX + key]
+        info = json.dumps([session.username, session.user_id, key])
+        online = json.dumps([session.username, session.user_id])
+        return keys, [session.channel, key, session.user_id, max_sessions, _ms(ttl), info, online, *displace]
 
     @staticmethod
-    def _join_result(result: int, max_sessions: int) -> bool:
-        if result == -1:
-            raise JoinRefused(protocol.USERNAME_TAKEN, "That username is in use by another user_id")
-        if result == -2:
-            raise JoinRefused(protocol.TOO_MANY_SESSIONS, f"At most {max_sessions} sessions per user")
-        return result == 1
+    def _join_result(result: list[Any], max_sessions: int) -> bool:
+        code = int(result[0])
+        holders = tuple(_session(channel, info) for channel, info in zip(result[1::2], result[2::2], strict=True))
+        if code == -1:
+            raise JoinRefused(protocol.USERNAME_TAKEN, "That username is in use by another user_id", holders)
+        if code == -2:
+            raise JoinRefused(protocol.TOO_MANY_SESSIONS, f"At most {max_sessions} sessions per user", holders)
+        return code == 1
 
     @_unavailable_on_connection_errors
-    async def join(self, session: SessionInfo, max_sessions: int, ttl: float) -> bool:
-        keys, args = self._join_args(session, max_sessions, ttl)
-        return self._join_result(int(await self._join(keys=keys, args=args)), max_sessions)
+    async def join(self, session: SessionInfo, max_sessions: int, ttl: float, displace: Collection[str] = ()) -> bool:
+        keys, args = self._join_args(session, max_sessions, ttl, displace)
+        return self._join_result(await self._join(keys=keys, args=args), max_sessions)
 
     @_unavailable_on_connection_errors
     async def restore(
@@ -271,7 +304,7 @@ class RedisPresenceStore:
         refused = []
         for session, result in zip(sessions, await pipe.execute(), strict=True):
             try:
-                self._join_result(int(result), max_sessions)
+                self._join_result(result, max_sessions)
             except JoinRefused as exc:
                 refused.append((session, exc))
         return refused
@@ -304,12 +337,14 @@ class RedisPresenceStore:
 
     @_unavailable_on_connection_errors
     async def online_users(self) -> list[dict[str, str]]:
-        online = await self.redis.hgetall(ONLINE)
-        return [{"username": username, "user_id": online[username]} for username in sorted(online)]
+        users = [json.loads(entry) for entry in (await self.redis.hvals(ONLINE))]
+        return [{"username": username, "user_id": user_id} for username, user_id in sorted(users)]
 
     @_unavailable_on_connection_errors
-    async def sessions_of(self, username: str) -> list[str]:
-        return list(await self._sessions_of(keys=[LEASES, USER_PREFIX + username]))
+    async def sessions_of(self, username: str) -> list[SessionInfo]:
+        keys = [LEASES, USER_PREFIX + protocol.username_key(username), SESSIONS]
+        result = await self._sessions_of(keys=keys)
+        return [_session(channel, info) for channel, info in zip(result[::2], result[1::2], strict=True)]
 
     @_unavailable_on_connection_errors
     async def live_channels(self) -> set[str]:
@@ -343,5 +378,5 @@ def _ms(seconds: float) -> int:
 
 
 def _session(channel: str, info: str) -> SessionInfo:
-    username, user_id = json.loads(info)
+    username, user_id, *_ = json.loads(info)
     return SessionInfo(channel, username, user_id)

@@ -75,7 +75,10 @@ def read_token(token: str, username: str, user_id: str) -> tuple[str, str] | Non
         return None
     if not isinstance(claims, dict) or claims.get("u") != username or claims.get("i") != user_id:
         return None
-    return claims["c"], claims["n"]
+    channel, nonce = claims.get("c"), claims.get("n")
+    if not isinstance(channel, str) or not isinstance(nonce, str):
+        return None
+    return channel, nonce
 
 
 def handover_event(consumer: SignalingConsumer, queued: list[dict[str, Any]], dropped: int) -> dict[str, Any]:
@@ -85,6 +88,7 @@ def handover_event(consumer: SignalingConsumer, queued: list[dict[str, Any]], dr
         "old_channel": consumer.channel_name,
         "username": consumer.session.username,
         "user_id": consumer.session.user_id,
+        "device_id": consumer.device_id,
         "calls": [asdict(call) for call in consumer.calls.values()],
         "queued": queued,
         "dropped": dropped,
@@ -122,8 +126,10 @@ class ResumableSession:
         self.register_deadline.cancel()
         metrics.connection_closed()
         self.counted = False
+        self.release_limits()
         self.runtime.hub.unlisten(self.channel_name)
         self.held = deque()
+        self.held_bytes = 0
         for call in self.calls.values():
             await self.tell_peer(
                 call, {"type": "call.peer_reconnecting", "call_id": call.call_id, "username": self.session.username}
@@ -164,18 +170,26 @@ class ResumableSession:
             else:
                 await self.end_session(CLOSE_SERVICE_RESTART)
             raise StopConsumer()
-        if kind.startswith("websocket."):
+        if kind == "session.probe":  # a register for this name: no socket here to defend it
+            await self.runtime.answer_probe(event["reply_to"], event["token"], False)
             return
-        if len(self.held) >= settings.SIGNALING_RESUME_QUEUE_LIMIT:
+        if kind.startswith("websocket.") or kind == "session.probe_result":
+            return
+        size = len(protocol.encode(event))
+        if (
+            len(self.held) >= settings.SIGNALING_RESUME_QUEUE_LIMIT
+            or self.held_bytes + size > settings.SIGNALING_RESUME_QUEUE_BYTES
+        ):
             self.held_dropped += 1
         else:
             self.held.append(event)
+            self.held_bytes += size
 
     # --- Hand-over: a new socket asks for the session ------------------
 
-    async def request_resume(self, message: protocol.Register, username: str) -> None:
+    async def request_resume(self, message: protocol.Register, username: str, user_id: str) -> None:
         """Ask the holder of a dropped session to hand it over to this socket."""
-        found = read_token(message.resume_token, username, message.user_id)
+        found = read_token(message.resume_token, username, user_id)
         if found is None or self.pending_resume is not None:
             raise ProtocolError(protocol.RESUME_FAILED, "That resume token is not valid for you")
         self.pending_resume = asyncio.get_running_loop().create_task(self._ask_holder(*found))
@@ -230,11 +244,16 @@ class ResumableSession:
         """Take over a held or parked session: its presence, its calls and what was queued for it."""
         old_channel = event["old_channel"]
         session = SessionInfo(self.channel_name, event["username"], event["user_id"])
-        # Join before the old lease goes, so the user never blinks offline.
-        await self.runtime.store.join(session, settings.SIGNALING_MAX_SESSIONS_PER_USER + 1, self.runtime.lease_seconds)
+        # Join before the old lease goes, so the user never blinks offline; the old
+        # session is this one, so it does not count against the name or the cap.
+        await self.runtime.store.join(
+            session, settings.SIGNALING_MAX_SESSIONS_PER_USER, self.runtime.lease_seconds, displace=[old_channel]
+        )
         self.session = session
+        self.device_id = event.get("device_id") or self.device_id
         metrics.session_registered()
         self.register_deadline.cancel()
+        self.admitted_registered()
         self.runtime.sessions[self.channel_name] = self
         await self.channel_layer.group_add(user_group(session.username), self.channel_name)
         known = [LiveCall(**call) for call in event["calls"]]

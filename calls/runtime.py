@@ -36,6 +36,7 @@ from calls import lifecycle
 from calls.groups import PRESENCE_GROUP, user_group
 from calls.leases import STORE_WATCH_INTERVAL, LeaseKeeper
 from calls.lifecycle import CallRecord
+from calls.limits import CallLimits, ConnectionLimits
 from calls.presence import MemoryPresenceStore, PresenceHub, PresenceStore, SessionInfo, StoreUnavailable
 from calls.states import CallStatus, EndReason
 
@@ -47,6 +48,12 @@ logger = logging.getLogger(__name__)
 # Seconds between attempts to deliver a call's end while the channel layer is down.
 DELIVERY_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 RING_DEADLINE_MARGIN = timedelta(milliseconds=50)
+# Seconds a session has to answer a liveness probe (a WebSocket ping), and the margin
+# for the answer to come back over the channel layer from another process.
+PROBE_TIMEOUT = 2.0
+PROBE_REPLY_MARGIN = 1.5
+# Seconds between runs of the history retention job (SIGNALING_HISTORY_DAYS).
+RETENTION_INTERVAL = 3600.0
 
 
 class UserRows:
@@ -110,6 +117,10 @@ class Runtime(LeaseKeeper):
         self.hub = PresenceHub(self.store, settings.SIGNALING_PRESENCE_WINDOW_MS / 1000)
         self.sessions: dict[str, SignalingConsumer] = {}
         self.users = UserRows()
+        self.limits = ConnectionLimits()
+        self.call_limits = CallLimits()
+        # Liveness probes of sessions this process is waiting on, by token.
+        self._session_probes: dict[str, asyncio.Future] = {}
         # Every live consumer of this loop (registered or not) and the task running it.
         self.consumers: dict[SignalingConsumer, asyncio.Task] = {}
         self.draining = False
@@ -172,6 +183,7 @@ class Runtime(LeaseKeeper):
                     self._every(self._watch_interval, self._check_store, "restoring state after a Redis restart failed")
                 ),
                 loop.create_task(self._every(self._sweep_interval, self.reap_once, "reaper failed")),
+                loop.create_task(self._every(RETENTION_INTERVAL, self.trim_history, "history retention failed")),
             ]
             self._started = True
         logger.info("runtime started", extra={"runtime": self.process_id, "pid": os.getpid()})
@@ -271,10 +283,63 @@ class Runtime(LeaseKeeper):
             failing = False
             if event.get("type") == "presence.changed" and event.get("origin") != self.process_id:
                 self.hub.changed()
+            elif event.get("type") == "session.probe_reply":
+                self._probe_answered(event.get("token", ""), bool(event.get("alive")))
             elif event.get("type") == "runtime.probe":
                 arrived = self._probes.get(event.get("token", ""))
                 if arrived is not None and not arrived.done():
                     arrived.set_result(None)
+
+    # --- Liveness of sessions -----------------------------------------
+
+    async def probe_sessions(self, channels: list[str]) -> list[str]:
+        """Ask sessions, wherever they live, whether their client still answers; return the gone ones.
+
+        Each holder pings its socket (`SignalingConsumer.session_probe`); one that
+        does not answer within PROBE_TIMEOUT ends as a dropped socket does and
+        answers "gone". A session whose process does not answer at all (dead,
+        its lease not yet run out) counts as gone too.
+        """
+        loop = asyncio.get_running_loop()
+        asked: dict[str, asyncio.Future] = {}
+        for channel in channels:
+            token = uuid.uuid4().hex
+            asked[channel] = self._session_probes[token] = loop.create_future()
+            event = {"type": "session.probe", "token": token, "reply_to": self._process_channel}
+            try:
+                await self.send_to_session(channel, event)
+            except Exception as exc:  # noqa: BLE001 - the layer's errors depend on its backend
+                logger.warning("session probe not sent", extra={"session": channel, "error": repr(exc)})
+        try:
+            if asked:
+                await asyncio.wait(asked.values(), timeout=PROBE_TIMEOUT + PROBE_REPLY_MARGIN)
+        finally:
+            for token in [t for t, future in self._session_probes.items() if future in asked.values()]:
+                del self._session_probes[token]
+        return [channel for channel, alive in asked.items() if not (alive.done() and alive.result())]
+
+    async def answer_probe(self, reply_to: str, token: str, alive: bool) -> None:
+        """Answer a liveness probe from `reply_to` (a process channel)."""
+        if reply_to == self._process_channel:
+            self._probe_answered(token, alive)
+        else:
+            await self.layer.send(reply_to, {"type": "session.probe_reply", "token": token, "alive": alive})
+
+    def _probe_answered(self, token: str, alive: bool) -> None:
+        waiting = self._session_probes.get(token)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(alive)
+
+    # --- History --------------------------------------------------------
+
+    async def trim_history(self) -> None:
+        """Delete call history older than SIGNALING_HISTORY_DAYS (0 keeps it all)."""
+        days = settings.SIGNALING_HISTORY_DAYS
+        if not days:
+            return
+        deleted = await database_sync_to_async(lifecycle.delete_history_before)(timezone.now() - timedelta(days=days))
+        if deleted:
+            logger.info("old call history deleted", extra={"runtime": self.process_id, "calls": deleted, "days": days})
 
     # --- Calls ---------------------------------------------------------
 
@@ -399,7 +464,8 @@ def _end_calls_of_lost_sessions(sessions: list[SessionInfo], online: set[str]) -
         if session.username not in online:
             call_ids += lifecycle.ringing_calls_to(session.username)
         for call_id in dict.fromkeys(call_ids):
-            record = lifecycle.end_call(call_id, EndReason.DISCONNECTED, session.channel)
+            actor = lifecycle.Actor(session.channel, session.username)
+            record = lifecycle.end_call(call_id, EndReason.DISCONNECTED, actor)
             if record is not None:
                 ended.append(record)
     return ended

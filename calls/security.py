@@ -13,6 +13,8 @@ from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 from django.utils.http import is_same_domain
 
+from calls.protocol import USER_ID_MAX, InvalidUsername, normalize_username
+
 JWT_ALGORITHM = "HS256"
 
 
@@ -134,11 +136,44 @@ class TokenInvalid(Exception):
     """A registration token that is missing, forged, expired or malformed."""
 
 
-def mint_token(username: str, ttl: int | None = None) -> tuple[str, datetime]:
-    """Return a signed token for `username` and when it expires."""
+def mint_token(username: str, ttl: int | None = None, user_id: str | None = None) -> tuple[str, datetime]:
+    """Return a signed token for `username` (and its account's stable `user_id`) and when it expires."""
     expires = datetime.now(UTC) + timedelta(seconds=ttl or settings.SIGNALING_TOKEN_TTL)
-    claims = {"sub": username, "exp": expires, "iat": datetime.now(UTC)}
+    claims: dict[str, Any] = {"sub": username, "exp": expires, "iat": datetime.now(UTC)}
+    if user_id is not None:
+        claims["user_id"] = user_id
     return jwt.encode(claims, settings.SIGNALING_JWT_SECRET, algorithm=JWT_ALGORITHM), expires
+
+
+@dataclass(frozen=True, slots=True)
+class TokenIdentity:
+    """Who a valid token proves the bearer is: the username and the account's stable user_id."""
+
+    username: str
+    user_id: str
+
+
+def token_identity(token: str | None) -> TokenIdentity:
+    """Return the identity a valid token proves; raise TokenInvalid otherwise.
+
+    `user_id` is the token's `user_id` claim (the account's stable id, the same on
+    every device), or the username when a backend's tokens carry none.
+    """
+    username = verify_token(token)
+    claims = jwt.decode(token, options={"verify_signature": False})  # verified just above
+    user_id = claims.get("user_id")
+    if not isinstance(user_id, str) or not 1 <= len(user_id) <= USER_ID_MAX or not _sendable(user_id):
+        user_id = username
+    return TokenIdentity(username, user_id)
+
+
+def _sendable(text: str) -> bool:
+    """Whether text can go on the wire: UTF-8 encodable, no control characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return text.isprintable()
 
 
 def verify_token(token: str | None) -> str:
@@ -157,6 +192,7 @@ def verify_token(token: str | None) -> str:
     except jwt.InvalidTokenError:
         raise TokenInvalid("The token is not valid") from None
     subject = claims["sub"]
-    if not isinstance(subject, str) or not 1 <= len(subject) <= 64:
-        raise TokenInvalid("The token's subject is not a valid username")
-    return subject
+    try:
+        return normalize_username(subject) if isinstance(subject, str) else normalize_username("")
+    except InvalidUsername:
+        raise TokenInvalid("The token's subject is not a valid username") from None

@@ -6,6 +6,7 @@ import pytest
 from channels.layers import channel_layers
 
 from calls.runtime import Runtime
+from calls.security import mint_token
 from calls.tests.conftest_services import *  # noqa: F403 - service fixtures and the database marker
 from calls.tests.wsclient import Client
 
@@ -53,7 +54,17 @@ async def runtime():
 
 
 @pytest.fixture
-async def connect(runtime, transactional_db):
+def multi_device(settings):
+    """Token mode, where a user may register several devices (open mode allows one session per name).
+
+    `connect` then registers each client with a token minted for its username.
+    """
+    settings.SIGNALING_AUTH = "token"
+    settings.SIGNALING_JWT_SECRET = "test-secret-" + "x" * 32
+
+
+@pytest.fixture
+async def connect(runtime, transactional_db, settings):
     """Open registered (or unregistered) test clients; every one is closed afterwards."""
     opened: list[Client] = []
 
@@ -62,6 +73,8 @@ async def connect(runtime, transactional_db):
         await client.connect()
         opened.append(client)
         if username is not None:
+            if settings.SIGNALING_AUTH == "token":
+                extra.setdefault("token", mint_token(username, user_id=user_id or f"id-{username}")[0])
             await client.register(username, user_id or f"id-{username}", **extra)
         return client
 

@@ -226,28 +226,78 @@ def test_a_rejected_call_tells_the_caller_and_is_recorded(open_tab, server):
     assert call_rows(server, "carol", "dave") == [("rejected", "rejected")]
 
 
-def test_a_user_in_two_tabs_answers_in_one_and_the_other_stops_ringing(open_tab, server):
-    erin = open_tab("erin")
-    frank_first = open_tab("frank")
-    # A second tab of the same browser profile: same username, same stored user_id.
-    frank_second = open_tab("frank", context=frank_first.page.context)
-    assert frank_first.sent_of("register")[0]["user_id"] == frank_second.sent_of("register")[0]["user_id"]
+def test_in_open_mode_a_second_tab_of_an_online_name_is_refused(open_tab, browser, server):
+    open_tab("olga")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server.http_url + "/")
+        page.fill("#username", "olga")
+        page.click("#register-btn")
+        expect(page.locator("#status")).to_have_attribute("data-reason", "username_taken")
+    finally:
+        context.close()
 
-    expect(erin.user("frank")).to_have_count(1)
-    erin.user("frank").locator(".call-btn").click()
-    for tab in (frank_first, frank_second):
-        expect(tab.page.locator("#incoming-call")).to_be_visible()
-    frank_second.page.click("#accept-btn")
 
-    expect(frank_first.page.locator("#incoming-call")).to_be_hidden()
-    expect(frank_first.page.locator("#status")).to_have_attribute("data-reason", "answered_elsewhere")
-    for tab in (erin, frank_second):
-        expect(tab.page.locator("#status")).to_have_attribute("data-state", "in-call")
-    assert frank_first.sent_of("offer") + frank_first.sent_of("answer") == []
+TOKEN_ENV = {"SIGNALING_AUTH": "token", "SIGNALING_JWT_SECRET": "j" * 40, "SIGNALING_ALLOW_SIGNUP": "true"}
+PASSWORD = "a long and unusual passphrase"
 
-    erin.page.click("#hangup-btn")
-    expect(frank_second.page.locator("#status")).to_have_attribute("data-reason", "hangup")
-    assert call_rows(server, "erin", "frank") == [("completed", "hangup")]
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
+    folder = tmp_path_factory.mktemp("browser-token")
+    with daphne_server(folder, SIGNALING_PRESENCE_WINDOW_MS="20", **TOKEN_ENV) as server:
+        server.db_path = folder / "server.sqlite3"
+        yield server
+
+
+def signed_in_tab(browser: Browser, server: DaphneServer, username: str, context: BrowserContext) -> Tab:
+    """Open the page in `context` and sign in with the account's password (token mode)."""
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    tab = Tab(page)
+    page.on("websocket", tab.watch)
+    page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+    page.goto(server.http_url + "/")
+    page.fill("#username", username)
+    page.click(".advanced summary")
+    page.fill("#password", PASSWORD)
+    page.click("#register-btn")
+    expect(page.locator("#status")).to_have_attribute("data-state", "online")
+    return tab
+
+
+def test_in_token_mode_a_user_in_two_tabs_answers_in_one_and_the_other_stops_ringing(browser, token_server):
+    for name in ("erin", "frank"):
+        assert post_json(f"{token_server.http_url}/api/users", {"username": name, "password": PASSWORD}) == 201
+    erin_context, frank_context = browser.new_context(), browser.new_context()
+    try:
+        erin = signed_in_tab(browser, token_server, "erin", erin_context)
+        frank_first = signed_in_tab(browser, token_server, "frank", frank_context)
+        frank_second = signed_in_tab(browser, token_server, "frank", frank_context)
+        # Both tabs are the one account: the server gives them its user_id.
+        first_id = frank_first.received_of("registered")[0]["user_id"]
+        assert frank_second.received_of("registered")[0]["user_id"] == first_id
+
+        expect(erin.user("frank")).to_have_count(1)
+        erin.user("frank").locator(".call-btn").click()
+        for tab in (frank_first, frank_second):
+            expect(tab.page.locator("#incoming-call")).to_be_visible()
+        frank_second.page.click("#accept-btn")
+
+        expect(frank_first.page.locator("#incoming-call")).to_be_hidden()
+        expect(frank_first.page.locator("#status")).to_have_attribute("data-reason", "answered_elsewhere")
+        for tab in (erin, frank_second):
+            expect(tab.page.locator("#status")).to_have_attribute("data-state", "in-call")
+        assert frank_first.sent_of("offer") + frank_first.sent_of("answer") == []
+
+        erin.page.click("#hangup-btn")
+        expect(frank_second.page.locator("#status")).to_have_attribute("data-reason", "hangup")
+        assert call_rows(token_server, "erin", "frank") == [("completed", "hangup")]
+    finally:
+        erin_context.close()
+        frank_context.close()
 
 
 def post_json(url: str, body: dict[str, Any]) -> int:

@@ -192,7 +192,7 @@ async def test_accepting_or_rejecting_a_call_that_is_not_ringing(connect):
     await alice.expect_error("not_ringing")
 
 
-async def test_every_device_rings_and_the_first_answer_wins(connect):
+async def test_every_device_rings_and_the_first_answer_wins(connect, multi_device):
     alice = await connect("alice")
     phone, laptop = await connect("bob", "u-b"), await connect("bob", "u-b")
     call_id = await ring(alice, [phone, laptop])
@@ -211,7 +211,7 @@ async def test_every_device_rings_and_the_first_answer_wins(connect):
     assert row.status == "answered" and row.callee_channel
 
 
-async def test_two_devices_accepting_at_once_exactly_one_wins(connect):
+async def test_two_devices_accepting_at_once_exactly_one_wins(connect, multi_device):
     alice = await connect("alice")
     phone, laptop = await connect("bob", "u-b"), await connect("bob", "u-b")
     call_id = await ring(alice, [phone, laptop])
@@ -231,14 +231,14 @@ def test_concurrent_accepts_in_the_database_let_exactly_one_win(transactional_db
     now = timezone.now()
     alice = SignalingUser.objects.create(username="alice", user_id="a", last_seen=now)
     SignalingUser.objects.create(username="bob", user_id="b", last_seen=now)
-    record = lifecycle.start_call(alice.username, "chan-a", "bob", ring_timeout=30)
+    record = lifecycle.start_call(lifecycle.Actor("chan-a", alice.username), "bob", ring_timeout=30)
     results: list[str] = []
     barrier = threading.Barrier(4)
 
     def accept(session: str) -> None:
         barrier.wait()
         try:
-            lifecycle.accept_call(record.call_id, "bob", session)
+            lifecycle.accept_call(record.call_id, lifecycle.Actor(session, "bob"))
             results.append("won")
         except CallRefused as exc:
             results.append(exc.code)
@@ -252,7 +252,7 @@ def test_concurrent_accepts_in_the_database_let_exactly_one_win(transactional_db
     assert CallEvent.objects.filter(call_id=record.call_id, new_status="answered").count() == 1
 
 
-async def test_a_rejection_from_one_device_stops_the_others_ringing(connect):
+async def test_a_rejection_from_one_device_stops_the_others_ringing(connect, multi_device):
     alice = await connect("alice")
     phone, laptop = await connect("bob", "u-b"), await connect("bob", "u-b")
     call_id = await ring(alice, [phone, laptop])
@@ -263,7 +263,7 @@ async def test_a_rejection_from_one_device_stops_the_others_ringing(connect):
     await laptop.nothing()
 
 
-async def test_one_ringing_device_leaving_keeps_the_call_ringing(connect):
+async def test_one_ringing_device_leaving_keeps_the_call_ringing(connect, multi_device):
     alice = await connect("alice")
     phone, laptop = await connect("bob", "u-b"), await connect("bob", "u-b")
     call_id = await ring(alice, [phone, laptop])

@@ -42,7 +42,7 @@ async def test_every_session_sees_a_newcomer(connect):
     await alice.expect_online({"alice", "bob"})
 
 
-async def test_a_user_with_two_sessions_is_listed_once(connect):
+async def test_a_user_with_two_sessions_is_listed_once(connect, multi_device):
     phone = await connect("alice", "u-a")
     laptop = await connect("alice", "u-a")
     listed = await laptop.expect_online({"alice"})
@@ -180,7 +180,7 @@ async def test_disconnect_ends_the_call_for_the_peer(connect):
     assert (call.status, call.end_reason) == ("completed", "disconnected")
 
 
-async def test_one_of_two_sessions_leaving_keeps_the_user_online(connect):
+async def test_one_of_two_sessions_leaving_keeps_the_user_online(connect, multi_device):
     observer = await connect("zed")
     phone = await connect("alice", "u-a")
     await connect("alice", "u-a")

@@ -10,22 +10,13 @@ import pytest
 import websockets
 
 from calls.tests.servers import daphne_server
+from calls.tests.wire import recv_type
 
 
 @pytest.fixture
 def server(tmp_path):
     with daphne_server(tmp_path) as server:
         yield server
-
-
-async def recv_type(ws, kind: str, timeout: float = 5) -> dict:
-    """Return the next message of type `kind`, passing over presence and ringing notices."""
-    async with asyncio.timeout(timeout):
-        while True:
-            message = json.loads(await ws.recv())
-            if message["type"] == kind:
-                return message
-            assert message["type"] in {"online_users", "call_ringing"}, message
 
 
 async def test_a_v1_client_completes_a_call_against_daphne(server, tmp_path):

@@ -8,10 +8,11 @@ import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jwt
 import psycopg
 import pytest
 import websockets
@@ -69,6 +70,24 @@ def start_cluster(tmp_path: Path, postgres, **settings: str) -> Cluster:
         cluster.stop()
         raise
     return cluster
+
+
+# Token mode: where one user may have several devices (open mode allows one session per name).
+TOKEN_MODE = {"SIGNALING_AUTH": "token", "SIGNALING_JWT_SECRET": "multiprocess-test-secret-" + "x" * 24}
+
+
+def token_for(username: str) -> str:
+    """A registration token as a team's backend would mint it (HS256, stable user_id claim)."""
+    claims = {"sub": username, "user_id": f"id-{username}", "exp": datetime.now(UTC) + timedelta(hours=1)}
+    return jwt.encode(claims, TOKEN_MODE["SIGNALING_JWT_SECRET"], algorithm="HS256")
+
+
+@pytest.fixture(scope="module")
+def token_pair(tmp_path_factory, postgres) -> Iterator[Cluster]:
+    """Two processes in token mode, for the scenarios with several devices per user."""
+    cluster = start_cluster(tmp_path_factory.mktemp("token-pair"), postgres, SIGNALING_RING_TIMEOUT=RING_TIMEOUT, **TOKEN_MODE)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +183,8 @@ async def peers():
         peer = Peer(ws, username or "anonymous")
         opened.append(peer)
         if username is not None:
+            if server.env.get("SIGNALING_AUTH") == "token":
+                extra.setdefault("token", token_for(username))
             await peer.register(username, f"id-{username}", **extra)
         return peer
 
@@ -270,10 +291,10 @@ async def test_the_caller_cancels_and_the_callee_rejects_across_processes(pair, 
     assert pair.call_row(rejected) == ("rejected", "rejected")
 
 
-async def test_devices_on_both_processes_ring_and_only_the_answering_one_gets_signaling(pair, peers):
-    jon = await peers(pair.a, "jon")
-    phone = await peers(pair.a, "kim")
-    laptop = await peers(pair.b, "kim")
+async def test_devices_on_both_processes_ring_and_only_the_answering_one_gets_signaling(token_pair, peers):
+    jon = await peers(token_pair.a, "jon")
+    phone = await peers(token_pair.a, "kim")
+    laptop = await peers(token_pair.b, "kim")
     call_id = await ring(jon, [phone, laptop], "kim")
     await laptop.send({"type": "call_accepted", "call_id": call_id})
     assert (await jon.expect("call_accepted"))["call_id"] == call_id
@@ -286,13 +307,13 @@ async def test_devices_on_both_processes_ring_and_only_the_answering_one_gets_si
     await jon.send({"type": "call_ended", "call_id": call_id})
     assert (await laptop.expect("call_ended"))["reason"] == "hangup"
     await phone.nothing(0.3)
-    assert pair.call_row(call_id) == ("completed", "hangup")
+    assert token_pair.call_row(call_id) == ("completed", "hangup")
 
 
-async def test_devices_on_both_processes_answering_at_once_give_exactly_one_answer(pair, peers):
-    lea = await peers(pair.b, "lea")
-    phone = await peers(pair.a, "max")
-    laptop = await peers(pair.b, "max")
+async def test_devices_on_both_processes_answering_at_once_give_exactly_one_answer(token_pair, peers):
+    lea = await peers(token_pair.b, "lea")
+    phone = await peers(token_pair.a, "max")
+    laptop = await peers(token_pair.b, "max")
     call_id = await ring(lea, [phone, laptop], "max")
     await asyncio.gather(*(d.send({"type": "call_accepted", "call_id": call_id}) for d in (phone, laptop)))
     accepted = await lea.expect("call_accepted")
@@ -313,8 +334,8 @@ async def test_devices_on_both_processes_answering_at_once_give_exactly_one_answ
     assert (offer["type"], offer["data"]) == ("offer", {"sdp": "o"})
     await loser.nothing()
     await lea.nothing(0.3)
-    assert pair.call_row(call_id) == ("answered", None)
-    assert pair.rows(
+    assert token_pair.call_row(call_id) == ("answered", None)
+    assert token_pair.rows(
         "SELECT count(*) FROM calls_callevent WHERE call_id = %s AND new_status = 'answered'", call_id
     ) == [(1,)]
 
@@ -342,21 +363,21 @@ async def test_a_username_is_taken_across_processes(pair, peers):
     assert holder == outcomes[1]["user_id"]
 
 
-async def test_a_user_is_listed_while_any_of_its_sessions_on_any_process_lives(pair, peers):
-    watcher = await peers(pair.a, "pia", presence="delta")
+async def test_a_user_is_listed_while_any_of_its_sessions_on_any_process_lives(token_pair, peers):
+    watcher = await peers(token_pair.a, "pia", presence="delta")
     # One snapshot first (earlier tests' users may still be leaving), then deltas only.
     assert "pia" in {user["username"] for user in (await watcher.expect("online_users"))["users"]}
-    phone = await peers(pair.a, "quinn")
-    laptop = await peers(pair.b, "quinn")
+    phone = await peers(token_pair.a, "quinn")
+    laptop = await peers(token_pair.b, "quinn")
     assert (await watcher.presence_of("quinn"))[-1] == "user_online quinn"
     await phone.ws.close()
-    await peers(pair.b, "rae")
+    await peers(token_pair.b, "rae")
     # Had quinn gone offline with the phone, the watcher would hear it before rae comes online.
     seen = await watcher.presence_of("rae")
     assert seen[-1] == "user_online rae" and "user_offline quinn" not in seen
     await laptop.ws.close()
     assert (await watcher.presence_of("quinn"))[-1] == "user_offline quinn"
-    assert pair.rows("SELECT count(*) FROM calls_signalinguser WHERE username IN ('quinn', 'rae')") == [(2,)]
+    assert token_pair.rows("SELECT count(*) FROM calls_signalinguser WHERE username IN ('quinn', 'rae')") == [(2,)]
 
 
 async def test_a_killed_process_leaves_the_list_and_its_calls_end_for_the_survivor(tmp_path, postgres, peers):

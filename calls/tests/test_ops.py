@@ -257,9 +257,9 @@ def test_relay_latency_lands_in_the_histogram():
 @pytest.mark.django_db
 def test_calls_by_status_are_counted_from_the_database_at_scrape_time():
     lifecycle.touch_users({"alice": "u-a", "bob": "u-b", "carol": "u-c"})
-    first = lifecycle.start_call("alice", "chan-a", "bob", 45)
-    lifecycle.start_call("carol", "chan-c", "bob", 45)  # bob is being called already: busy
-    lifecycle.end_call(first.call_id, lifecycle.EndReason.HANGUP, "chan-a", "alice")
+    first = lifecycle.start_call(lifecycle.Actor("chan-a", "alice"), "bob", 45)
+    lifecycle.start_call(lifecycle.Actor("chan-c", "carol"), "bob", 45)  # bob is being called already: busy
+    lifecycle.end_call(first.call_id, lifecycle.EndReason.HANGUP, lifecycle.Actor("chan-a", "alice"), party=True)
 
     assert sample("signaling_calls", status="cancelled") == 1
     assert sample("signaling_calls", status="busy") == 1

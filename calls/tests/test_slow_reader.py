@@ -52,7 +52,11 @@ async def online_names(ws) -> set[str]:
 
 
 async def test_a_client_that_stops_reading_is_disconnected_while_hundreds_sign_in_and_out(tmp_path):
-    with daphne_server(tmp_path, SIGNALING_SEND_BUFFER_BYTES="65536", SIGNALING_PRESENCE_WINDOW_MS="5") as server:
+    # Hundreds of clients from one loopback address: no per-address connection limits.
+    unlimited = {"SIGNALING_CONNECT_RATE_PER_ADDRESS": "0", "SIGNALING_MAX_PENDING_PER_ADDRESS": "0"}
+    with daphne_server(
+        tmp_path, SIGNALING_SEND_BUFFER_BYTES="65536", SIGNALING_PRESENCE_WINDOW_MS="5", **unlimited
+    ) as server:
         # The stuck client speaks just enough WebSocket to register, then never reads
         # again; its kernel buffer is tiny, so what the server sends piles up there.
         stuck = stuck_client(server.port)

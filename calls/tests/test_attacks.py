@@ -1,0 +1,394 @@
+"""Attacks from the [trust] review, each against a real daphne process, each refused.
+
+Every test plays the attacker with plain WebSocket clients, then checks that the
+refusal carries its documented code, that other users notice nothing, and what
+the database holds afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+import websockets
+
+from calls.tests.servers import DaphneServer, daphne_server
+from calls.tests.wire import (
+    FreezableProxy,
+    close_code,
+    expect_error,
+    recv_type,
+    register,
+    send,
+    still_answers,
+)
+
+# A lone surrogate as the JSON escape a client can send: valid JSON, not valid Unicode text.
+SURROGATE = "\\ud800"
+
+
+def lone(frame: str) -> str:
+    """Return hand-built JSON with each @ replaced by a lone surrogate's escape."""
+    return frame.replace("@", SURROGATE)
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    with daphne_server(tmp_path, SIGNALING_PRESENCE_WINDOW_MS="20") as server:
+        yield server
+
+
+def rows(tmp_path: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(tmp_path / "server.sqlite3") as db:
+        return db.execute(sql).fetchall()
+
+
+async def online_names(ws: websockets.ClientConnection) -> set[str]:
+    return {user["username"] for user in (await recv_type(ws, "online_users"))["users"]}
+
+
+async def wait_online(ws: websockets.ClientConnection, names: set[str]) -> None:
+    while await online_names(ws) != names:
+        pass
+
+
+async def answered_call(caller: websockets.ClientConnection, callee: websockets.ClientConnection, target: str) -> str:
+    await send(caller, {"type": "call_request", "target_username": target})
+    call_id = (await recv_type(callee, "incoming_call"))["call_id"]
+    await send(callee, {"type": "call_accepted", "call_id": call_id})
+    await recv_type(caller, "call_accepted")
+    return call_id
+
+
+def no_errors_logged(server: DaphneServer) -> None:
+    logs = server.logs()
+    assert "level=error" not in logs and "Traceback" not in logs and "Exception inside" not in logs, logs[-3000:]
+
+
+# --- Text that cannot be encoded --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        (lone('{"type":"register","username":"m","user_id":"@"}'), "user_id"),
+        (lone('{"type":"register","username":"m@","user_id":"u"}'), "username"),
+        (lone('{"type":"register","username":"m","user_id":"u","device_id":"@"}'), "device_id"),
+        (lone('{"type":"register","username":"m","user_id":"u","token":"@"}'), "token"),
+        (lone('{"type":"call_request","target_username":"bob@"}'), "target_username"),
+        (lone('{"type":"offer","target_username":"bob","data":{"sdp":"@"}}'), "data.sdp"),
+        (lone('{"type":"offer","target_username":"bob","data":{"a":[{"b":"@"}]}}'), "data.a[0].b"),
+        (lone('{"type":"offer","target_username":"bob","data":{"@":1}}'), "data."),
+        (lone('{"type":"@"}'), "type"),
+    ],
+)
+async def test_a_lone_surrogate_in_any_field_is_refused_naming_it_and_presence_keeps_flowing(
+    server, tmp_path, frame, field
+):
+    async with websockets.connect(server.url) as attacker, websockets.connect(server.url) as alice:
+        await register(alice, "alice", "u-a")
+        await send(attacker, frame)
+        error = await expect_error(attacker, "invalid_message")
+        assert f"'{field}" in error["message"]
+        await still_answers(attacker)
+        async with websockets.connect(server.url) as bob:
+            # The broadcast that once raised UnicodeEncodeError for everyone still reaches everyone.
+            await register(bob, "bob", "u-b")
+            await wait_online(bob, {"alice", "bob"})
+            await wait_online(alice, {"alice", "bob"})
+    assert rows(tmp_path, "SELECT username FROM calls_signalinguser ORDER BY username") == [("alice",), ("bob",)]
+    no_errors_logged(server)
+
+
+async def test_a_surrogate_sent_to_a_ringing_callee_never_reaches_it_and_the_call_goes_on(server, tmp_path):
+    async with websockets.connect(server.url) as alice, websockets.connect(server.url) as bob:
+        await register(alice, "alice", "u-a")
+        await register(bob, "bob", "u-b")
+        await send(alice, {"type": "call_request", "target_username": "bob"})
+        call_id = (await recv_type(bob, "incoming_call"))["call_id"]
+        for _ in range(3):
+            frame = lone('{"type":"ice_candidate","target_username":"bob","data":{"x":"@"}}')
+            await send(alice, frame)
+            await expect_error(alice, "invalid_message")
+        await still_answers(bob)  # not closed with 1011, as it was
+        await send(bob, {"type": "call_accepted", "call_id": call_id})
+        assert (await recv_type(alice, "call_accepted"))["call_id"] == call_id
+        candidate = {"candidate": "candidate:1 1 udp 1 127.0.0.1 5000 typ host", "sdpMLineIndex": 0}
+        await send(alice, {"type": "ice_candidate", "target_username": "bob", "data": candidate})
+        assert (await recv_type(bob, "ice_candidate"))["data"] == candidate
+    assert rows(tmp_path, f"SELECT status FROM calls_call WHERE id = '{call_id.replace('-', '')}'") in (
+        [("completed",)],
+        [("answered",)],
+    )
+    no_errors_logged(server)
+
+
+@pytest.mark.parametrize(
+    "data",
+    ['{"x":NaN}', '{"x":Infinity}', '{"x":-Infinity}', '{"x":1e400}', "[" * 40 + "]" * 40],
+    ids=["nan", "infinity", "-infinity", "overflow", "deep"],
+)
+async def test_non_finite_numbers_and_deep_nesting_are_refused_before_relay(server, data):
+    async with websockets.connect(server.url) as alice, websockets.connect(server.url) as bob:
+        await register(alice, "alice", "u-a")
+        await register(bob, "bob", "u-b")
+        await answered_call(alice, bob, "bob")
+        await send(alice, '{"type":"offer","target_username":"bob","data":DATA}'.replace("DATA", data))
+        error = await expect_error(alice, "invalid_message")
+        assert "'data" in error["message"]
+        await send(alice, {"type": "offer", "target_username": "bob", "data": {"sdp": "ok"}})
+        # Bob's next signal is the good one: the bad frame reached nobody.
+        assert (await recv_type(bob, "offer"))["data"] == {"sdp": "ok"}
+    no_errors_logged(server)
+
+
+# --- Identity in open mode -------------------------------------------
+
+
+async def test_a_copied_user_id_cannot_register_beside_a_holder_that_answers_pings(server, tmp_path):
+    async with websockets.connect(server.url) as alice, websockets.connect(server.url) as mallory:
+        await register(alice, "alice", "u-a")
+        # user_ids are in every online_users list: the attacker copies alice's.
+        await send(mallory, {"type": "register", "username": "alice", "user_id": "u-a"})
+        await expect_error(mallory, "username_taken", timeout=10)
+        await send(mallory, {"type": "register", "username": "alice", "user_id": "u-other"})
+        await expect_error(mallory, "username_taken")
+        async with websockets.connect(server.url) as bob:
+            await register(bob, "bob", "u-b")
+            # Alice alone rings, and answers.
+            call_id = await answered_call(bob, alice, "alice")
+            await still_answers(mallory)
+    assert rows(tmp_path, "SELECT callee_channel != '' FROM calls_call") == [(1,)]
+    assert call_id
+    no_errors_logged(server)
+
+
+async def test_a_holder_whose_link_went_silent_is_replaced_by_its_own_user_id_within_seconds(server, tmp_path):
+    proxy = await FreezableProxy(server.port).start()
+    try:
+        phone = await websockets.connect(proxy.url, ping_interval=None)
+        await register(phone, "alice", "u-a")
+        async with websockets.connect(server.url) as bob:
+            await register(bob, "bob", "u-b")
+            call_id = await answered_call(bob, phone, "alice")
+            proxy.freeze()  # the phone switched networks: its old socket lingers, silent
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with websockets.connect(server.url) as new_phone:
+                registered = await register(new_phone, "alice", "u-a")
+                assert registered["username"] == "alice"
+                assert loop.time() - started < 8  # the ping timeout, not daphne's 40 s
+                ended = await recv_type(bob, "call_ended")
+                assert (ended["call_id"], ended["reason"]) == (call_id, "disconnected")
+                # The new session is the one that rings now.
+                await send(bob, {"type": "call_request", "target_username": "alice"})
+                await recv_type(new_phone, "incoming_call")
+    finally:
+        await proxy.close()
+    assert rows(tmp_path, "SELECT status, end_reason FROM calls_call ORDER BY created_at LIMIT 1") == [
+        ("completed", "disconnected")
+    ]
+    no_errors_logged(server)
+
+
+@pytest.mark.parametrize(
+    "lookalike",
+    ["ALICE", "Alice", "\uff41\uff4c\uff49\uff43\uff45"],  # case, and full-width letters
+)
+async def test_a_lookalike_of_an_online_name_is_its_owner_s(server, lookalike):
+    async with websockets.connect(server.url) as alice, websockets.connect(server.url) as mallory:
+        await register(alice, "alice", "u-a")
+        await send(mallory, {"type": "register", "username": lookalike, "user_id": "u-m"})
+        await expect_error(mallory, "username_taken")
+        # And a call to the look-alike reaches the owner.
+        async with websockets.connect(server.url) as bob:
+            await register(bob, "bob", "u-b")
+            await send(bob, {"type": "call_request", "target_username": lookalike})
+            assert (await recv_type(alice, "incoming_call"))["caller_username"] == "bob"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ali\u200bce", "\u202ealice", " alice", "alice ", "ali\u2028ce", "a\u0000b"],
+    ids=["zero-width", "bidi", "leading-space", "trailing-space", "line-separator", "nul"],
+)
+async def test_invisible_and_reordering_characters_in_usernames_are_refused(server, tmp_path, name):
+    async with websockets.connect(server.url) as mallory:
+        await send(mallory, {"type": "register", "username": name, "user_id": "u-m"})
+        error = await expect_error(mallory, "invalid_message")
+        assert "'username'" in error["message"]
+    assert rows(tmp_path, "SELECT count(*) FROM calls_signalinguser") == [(0,)]
+
+
+# --- Abuse of shared resources -------------------------------------------
+
+
+async def test_ring_spam_is_refused_and_leaves_the_victim_reachable(tmp_path):
+    with daphne_server(tmp_path, SIGNALING_UNANSWERED_CALLS_PER_CALLEE="3") as server:
+        async with (
+            websockets.connect(server.url) as spammer,
+            websockets.connect(server.url) as bob,
+            websockets.connect(server.url) as carol,
+        ):
+            await register(spammer, "spammer", "u-s")
+            await register(bob, "bob", "u-b")
+            await register(carol, "carol", "u-c")
+            for _ in range(3):
+                await send(spammer, {"type": "call_request", "target_username": "bob"})
+                call_id = (await recv_type(bob, "incoming_call"))["call_id"]
+                await send(spammer, {"type": "call_ended", "call_id": call_id})
+                await recv_type(bob, "call_ended")
+            await send(spammer, {"type": "call_request", "target_username": "bob"})
+            await expect_error(spammer, "call_rate_limited")
+            await send(carol, {"type": "call_request", "target_username": "bob"})
+            assert (await recv_type(bob, "incoming_call"))["caller_username"] == "carol"
+    by_caller = "SELECT u.username, c.status FROM calls_call c JOIN calls_signalinguser u ON u.id = c.caller_id"
+    calls = rows(tmp_path, by_caller)
+    assert sorted(status for caller, status in calls if caller == "spammer") == ["cancelled"] * 3
+    assert [caller for caller, _ in calls if caller != "spammer"] == ["carol"]
+
+
+async def test_a_connection_flood_from_one_address_leaves_other_addresses_connecting(tmp_path):
+    with daphne_server(tmp_path, SIGNALING_MAX_PENDING_PER_ADDRESS="3") as server:
+        flood = [await websockets.connect(server.url) for _ in range(3)]
+        try:
+            refused = await websockets.connect(server.url)
+            await expect_error(refused, "too_many_connections")
+            assert await close_code(refused) == 1008
+            # Another client address (loopback has all of 127/8) is not affected.
+            async with websockets.connect(server.url, local_addr=("127.0.0.2", 0)) as other:
+                await register(other, "other", "u-o")
+            # Registered sockets do not count: the flood's own address can go on once they register.
+            await register(flood[0], "first", "u-1")
+            async with websockets.connect(server.url) as again:
+                await still_answers(again)
+        finally:
+            for ws in flood:
+                await ws.close()
+
+
+async def test_new_connections_per_second_are_limited_per_address(tmp_path):
+    with daphne_server(tmp_path, SIGNALING_CONNECT_RATE_PER_ADDRESS="0.5") as server:
+        async with websockets.connect(server.url) as first:
+            await still_answers(first)
+            async with websockets.connect(server.url) as second:
+                await expect_error(second, "too_many_connections")
+                assert await close_code(second) == 1008
+            async with websockets.connect(server.url, local_addr=("127.0.0.3", 0)) as elsewhere:
+                await still_answers(elsewhere)
+
+
+@pytest.mark.parametrize(("trusted", "second_admitted"), [("0", False), ("1", True)])
+async def test_forwarded_addresses_count_only_through_trusted_proxies(tmp_path, trusted, second_admitted):
+    env = {"SIGNALING_MAX_PENDING_PER_ADDRESS": "1", "SIGNALING_TRUSTED_PROXIES": trusted}
+    with daphne_server(tmp_path, **env) as server:
+        # Header values only (TEST-NET addresses): nothing is sent to them.
+        first = await websockets.connect(server.url, additional_headers=[("X-Forwarded-For", "192.0.2.1")])
+        try:
+            await still_answers(first)
+            async with websockets.connect(server.url, additional_headers=[("X-Forwarded-For", "192.0.2.2")]) as second:
+                if second_admitted:
+                    await still_answers(second)
+                else:  # the header is the client's own word: both are 127.0.0.1
+                    await expect_error(second, "too_many_connections")
+        finally:
+            await first.close()
+
+
+async def test_a_frame_over_the_limit_ends_with_close_code_1009(server):
+    async with websockets.connect(server.url) as bystander:
+        await register(bystander, "bystander", "u-b")
+        huge = await websockets.connect(server.url, max_size=None)
+        await huge.send("x" * (1 << 20))
+        assert await close_code(huge) == 1009
+        await still_answers(bystander)
+    no_errors_logged(server)
+
+
+async def test_text_that_is_not_utf8_ends_with_close_code_1007_and_hurts_no_one(server):
+    async with websockets.connect(server.url) as bystander:
+        await register(bystander, "bystander", "u-b")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        writer.write(
+            (
+                f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        await reader.readuntil(b"\r\n\r\n")
+        payload = b"\xff\xfe not utf-8"
+        mask = b"\x01\x02\x03\x04"
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        writer.write(bytes([0x81, 0x80 | len(payload)]) + mask + masked)  # a masked text frame
+        frame = await asyncio.wait_for(reader.readexactly(4), 5)
+        assert frame[0] == 0x88 and int.from_bytes(frame[2:4], "big") == 1007  # close, code 1007
+        writer.close()
+        await still_answers(bystander)
+    no_errors_logged(server)
+
+
+async def test_sockets_closing_during_broadcasts_do_not_stop_them_or_log_errors(tmp_path):
+    with daphne_server(tmp_path, SIGNALING_PRESENCE_WINDOW_MS="20", SIGNALING_CONNECT_RATE_PER_ADDRESS="0") as server:
+        await churn(server)
+    logs = server.logs()
+    assert "presence broadcast failed" not in logs
+    no_errors_logged(server)
+
+
+async def churn(server: DaphneServer) -> None:
+    clients = []
+    try:
+        for index in range(40):
+            ws = await websockets.connect(server.url)
+            clients.append(ws)
+            await send(ws, {"type": "register", "username": f"user{index}", "user_id": f"u{index}"})
+            if index % 3 == 0:
+                ws.transport.abort()  # gone without a close, mid-broadcast
+        async with websockets.connect(server.url) as late:
+            await register(late, "late", "u-late")
+            expected = {f"user{i}" for i in range(40) if i % 3} | {"late"}
+            await wait_online(late, expected)
+    finally:
+        for ws in clients:
+            ws.transport.abort()
+
+
+async def test_a_held_session_keeps_at_most_its_byte_budget(tmp_path):
+    env = {"SIGNALING_RESUME_GRACE": "5", "SIGNALING_RESUME_QUEUE_BYTES": "4096", "SIGNALING_PRESENCE_WINDOW_MS": "20"}
+    with daphne_server(tmp_path, **env) as server:
+        async with websockets.connect(server.url) as bob:
+            phone = await websockets.connect(server.url)
+            token = (await register(phone, "alice", "u-a", resume=True))["resume_token"]
+            await register(bob, "bob", "u-b")
+            await answered_call(bob, phone, "alice")
+            phone.transport.abort()  # dropped without a close: held for a resume
+            await recv_type(bob, "peer_reconnecting")
+            for index in range(10):  # 10 x ~1 KB: more than the 4 KB budget
+                await send(bob, {"type": "offer", "target_username": "alice", "data": {"sdp": f"{index}" * 1000}})
+            async with websockets.connect(server.url) as back:
+                resumed = await register(back, "alice", "u-a", resume_token=token)
+                assert resumed["resumed"] is True
+                kept = [await recv_type(back, "offer") for _ in range(3)]
+                assert [offer["data"]["sdp"][0] for offer in kept] == ["0", "1", "2"]
+                overflow = await expect_error(back, "resume_overflow")
+                assert overflow["message"].startswith("7 ")
+    no_errors_logged(server)
+
+
+async def test_frames_from_an_attacker_leave_stored_history_intact(server, tmp_path):
+    async with websockets.connect(server.url) as alice, websockets.connect(server.url) as bob:
+        await register(alice, "alice", "u-a")
+        await register(bob, "bob", "u-b")
+        call_id = await answered_call(alice, bob, "bob")
+        await send(alice, {"type": "call_ended", "call_id": call_id})
+        await recv_type(bob, "call_ended")
+        for frame in ('{"type":"get_call_history","limit":1e400}', lone('{"type":"call_ended","call_id":"@"}')):
+            await send(bob, frame)
+            await expect_error(bob, "invalid_message")
+        await send(alice, {"type": "get_call_history"})
+        [item] = (await recv_type(alice, "call_history"))["calls"]
+        assert (item["call_id"], item["status"]) == (call_id, "completed")
+    assert rows(tmp_path, "SELECT count(*) FROM calls_callevent") == [(3,)]
