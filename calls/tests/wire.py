@@ -54,6 +54,59 @@ async def close_code(ws: websockets.ClientConnection, timeout: float = 10) -> in
         return closed.rcvd.code if closed.rcvd is not None else None
 
 
+class RawClient:
+    """A WebSocket client written by hand, for frames a well-behaved library will not send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            (
+                f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        await reader.readuntil(b"\r\n\r\n")
+        return cls(reader, writer)
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        """Write one masked frame (opcode 1 text, 8 close) with any payload, valid or not."""
+        mask = b"\x01\x02\x03\x04"
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        if len(payload) < 126:
+            header = bytes([0x80 | opcode, 0x80 | len(payload)])
+        else:
+            header = bytes([0x80 | opcode, 0x80 | 126]) + len(payload).to_bytes(2, "big")
+        self.writer.write(header + mask + masked)
+
+    def send_text(self, text: str) -> None:
+        self.send_frame(0x1, text.encode())
+
+    def send_close(self, code: int = 1000) -> None:
+        self.send_frame(0x8, code.to_bytes(2, "big"))
+
+    async def read_close_code(self, timeout: float = 5) -> int:
+        """Read frames until a close frame; return its code."""
+        async with asyncio.timeout(timeout):
+            while True:
+                first, second = await self.reader.readexactly(2)
+                length = second & 0x7F
+                if length == 126:
+                    length = int.from_bytes(await self.reader.readexactly(2), "big")
+                elif length == 127:
+                    length = int.from_bytes(await self.reader.readexactly(8), "big")
+                payload = await self.reader.readexactly(length)
+                if first & 0x0F == 0x8:
+                    return int.from_bytes(payload[:2], "big")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class FreezableProxy:
     """A TCP relay on loopback between a client and the server that can go silent, like a blackholed link."""
 

@@ -62,6 +62,7 @@ class SignalingClient:
         user_id: str,
         *,
         token: TokenSource = None,
+        device_id: str | None = None,
         resume: bool = True,
         presence: str = "full",
         reconnect: bool = True,
@@ -81,6 +82,7 @@ class SignalingClient:
         self.username = username
         self.user_id = user_id
         self.token = token
+        self.device_id = device_id
         self.resume = resume
         self.presence = presence
         self.reconnect = reconnect
@@ -207,6 +209,8 @@ class SignalingClient:
             token = await token
         if token:
             message["token"] = token
+        if self.device_id:
+            message["device_id"] = self.device_id
         if self.presence != "full":
             message["presence"] = self.presence
         if self.resume:

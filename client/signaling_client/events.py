@@ -61,6 +61,7 @@ class Registered(Event):
     resume_token: str | None = None
     resumed: bool = False
     calls: tuple[ResumedCall, ...] = ()
+    device_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +246,7 @@ def _registered(m: Mapping[str, Any]) -> Registered:
         calls=tuple(
             ResumedCall(_str(c, "call_id"), _str(c, "peer_username"), _str(c, "status")) for c in _dicts(m, "calls")
         ),
+        device_id=_opt_str(m, "device_id"),
         raw=m,
     )
 
