@@ -28,7 +28,7 @@ class SignalingUserAdmin(ReadOnlyAdmin):
 
 class CallEventInline(admin.TabularInline):
     model = CallEvent
-    fields = ["at", "old_status", "new_status", "reason", "session"]
+    fields = ["at", "old_status", "new_status", "reason", "username", "device", "session"]
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -41,7 +41,7 @@ class CallEventInline(admin.TabularInline):
 class CallAdmin(ReadOnlyAdmin):
     list_display = ["id", "caller", "callee", "status", "end_reason", "created_at", "answered_at", "duration_display"]
     list_filter = ["status", "end_reason", "created_at"]
-    search_fields = ["caller__username", "callee__username", "id"]
+    search_fields = ["caller__username", "callee__username", "caller_device", "callee_device", "id"]
     date_hierarchy = "created_at"
     list_select_related = ["caller", "callee"]
     inlines = [CallEventInline]
