@@ -169,8 +169,9 @@ class SignalingConsumer(ResumableSession, AsyncWebsocketConsumer):
         if text_data is None:
             await self.send_error(protocol.INVALID_MESSAGE, "Binary frames are not supported; send JSON text")
             return
+        # "surrogatepass": a lone surrogate is refused by the parser, naming its field.
         if len(text_data) > settings.SIGNALING_MAX_MESSAGE_BYTES or (
-            len(text_data.encode()) > settings.SIGNALING_MAX_MESSAGE_BYTES
+            len(text_data.encode("utf-8", "surrogatepass")) > settings.SIGNALING_MAX_MESSAGE_BYTES
         ):
             await self.send_error(
                 protocol.MESSAGE_TOO_LARGE, f"Messages are limited to {settings.SIGNALING_MAX_MESSAGE_BYTES} bytes"

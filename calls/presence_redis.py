@@ -124,7 +124,8 @@ end
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[1])
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[7])
+-- The first session's written name stays the user's name while any session is online.
+redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[7])
 if total == 0 then
     return {1}
 end

@@ -85,7 +85,9 @@ def token_for(username: str) -> str:
 @pytest.fixture(scope="module")
 def token_pair(tmp_path_factory, postgres) -> Iterator[Cluster]:
     """Two processes in token mode, for the scenarios with several devices per user."""
-    cluster = start_cluster(tmp_path_factory.mktemp("token-pair"), postgres, SIGNALING_RING_TIMEOUT=RING_TIMEOUT, **TOKEN_MODE)
+    cluster = start_cluster(
+        tmp_path_factory.mktemp("token-pair"), postgres, SIGNALING_RING_TIMEOUT=RING_TIMEOUT, **TOKEN_MODE
+    )
     yield cluster
     cluster.stop()
 

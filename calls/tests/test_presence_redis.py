@@ -33,6 +33,10 @@ def session(channel: str, username: str = "alice", user_id: str = "u-a") -> Sess
     return SessionInfo(channel, username, user_id)
 
 
+async def channels_of(store: RedisPresenceStore, username: str) -> list[str]:
+    return sorted(s.channel for s in await store.sessions_of(username))
+
+
 async def until(condition, timeout: float = 10.0):
     """Poll an async condition until it returns something truthy; return that."""
     async with asyncio.timeout(timeout):
@@ -47,7 +51,7 @@ async def test_the_first_session_brings_a_user_online_and_the_second_does_not(st
     assert await a.join(session("c1"), 5, TTL) is True
     assert await b.join(session("c2"), 5, TTL) is False
     assert await b.online_users() == [{"username": "alice", "user_id": "u-a"}]
-    assert sorted(await a.sessions_of("alice")) == ["c1", "c2"]
+    assert await channels_of(a, "alice") == ["c1", "c2"]
     assert await a.live_channels() == {"c1", "c2"}
 
 
@@ -71,7 +75,7 @@ async def test_a_username_held_by_another_user_id_is_refused_on_another_process(
     with pytest.raises(JoinRefused) as refused:
         await b.join(session("c2", "alice", "u-other"), 5, TTL)
     assert refused.value.code == protocol.USERNAME_TAKEN
-    assert await b.sessions_of("alice") == ["c1"]
+    assert await b.sessions_of("alice") == [session("c1", "alice", "u-a")]
     assert await b.online_users() == [{"username": "alice", "user_id": "u-a"}]
 
 
@@ -85,7 +89,7 @@ async def test_racing_joins_for_one_username_give_it_to_exactly_one_user_id(stor
     assert len(winners) == 1
     assert all(isinstance(r, JoinRefused) and r.code == protocol.USERNAME_TAKEN for r in results if r is not True)
     assert await a.online_users() == [{"username": "alice", "user_id": f"u-{winners[0]}"}]
-    assert await a.sessions_of("alice") == [f"c{winners[0]}"]
+    assert await channels_of(a, "alice") == [f"c{winners[0]}"]
 
 
 async def test_racing_joins_never_pass_the_session_cap(stores):
@@ -103,7 +107,7 @@ async def test_racing_joins_never_pass_the_session_cap(stores):
 async def test_joining_again_with_the_same_channel_does_not_take_another_slot(store):
     await store.join(session("c1"), 1, TTL)
     assert await store.join(session("c1"), 1, TTL) is False
-    assert await store.sessions_of("alice") == ["c1"]
+    assert await channels_of(store, "alice") == ["c1"]
 
 
 async def test_leave_reports_when_the_last_session_of_a_user_goes(stores):
@@ -141,7 +145,7 @@ async def test_renewal_keeps_leases_alive_and_names_the_ones_already_gone(stores
     assert await a.renew(["c1", "c2", "never"], TTL) == ["c2", "never"]
     await asyncio.sleep(0.4)  # past the first lease: only the renewal keeps c1
     assert await b.expire() == []
-    assert await b.sessions_of("alice") == ["c1"]
+    assert await channels_of(b, "alice") == ["c1"]
 
 
 async def test_renewal_covers_more_sessions_than_one_batch(store):
@@ -169,7 +173,7 @@ async def test_restore_reports_the_sessions_it_cannot_bring_back(store):
     await store.join(session("c0", "alice", "u-thief"), 5, TTL)
     refused = await store.restore([session("c1", "alice", "u-a"), session("c2", "bob", "u-b")], 5, TTL)
     assert [(s.channel, exc.code) for s, exc in refused] == [("c1", protocol.USERNAME_TAKEN)]
-    assert await store.sessions_of("bob") == ["c2"]
+    assert await channels_of(store, "bob") == ["c2"]
 
 
 async def test_a_redis_restart_changes_the_epoch_and_the_store_recovers(redis_server, stores):
@@ -210,3 +214,96 @@ async def test_a_parked_session_is_claimed_once_and_only_with_its_nonce(stores):
     lease_ms = await first.redis.zscore("signaling:presence:leases", "c1")
     now_s, now_us = await first.redis.time()
     assert 4_000 < lease_ms - (now_s * 1000 + now_us // 1000) <= 5_000
+
+
+# --- One owner per username key, displacement, and who holds a refused name -------------
+
+
+async def test_a_case_variant_of_a_name_held_on_another_process_is_taken(stores):
+    a, b = stores
+    await a.join(session("c1", "Alice", "u-a"), 5, TTL)
+    with pytest.raises(JoinRefused) as refused:
+        await b.join(session("c2", "alice", "u-other"), 5, TTL)
+    assert refused.value.code == protocol.USERNAME_TAKEN
+    assert refused.value.holders == (session("c1", "Alice", "u-a"),)
+    assert await b.live_channels() == {"c1"}
+    assert await b.online_users() == [{"username": "Alice", "user_id": "u-a"}]
+
+
+async def test_a_width_variant_of_a_held_name_is_taken(stores):
+    a, b = stores
+    await a.join(session("c1", "alice", "u-a"), 5, TTL)
+    with pytest.raises(JoinRefused) as refused:
+        await b.join(session("c2", "ａｌｉｃｅ", "u-other"), 5, TTL)
+    assert refused.value.code == protocol.USERNAME_TAKEN
+
+
+async def test_the_session_cap_names_the_sessions_holding_the_slots(stores):
+    a, b = stores
+    await a.join(session("c1"), 2, TTL)
+    await b.join(session("c2", "ALICE"), 2, TTL)
+    with pytest.raises(JoinRefused) as refused:
+        await a.join(session("c3", "alice"), 2, TTL)
+    assert refused.value.code == protocol.TOO_MANY_SESSIONS
+    assert sorted(refused.value.holders, key=lambda s: s.channel) == [session("c1"), session("c2", "ALICE")]
+    assert await b.live_channels() == {"c1", "c2"}
+
+
+async def test_a_displaced_session_counts_for_neither_the_cap_nor_the_name(stores):
+    a, b = stores
+    await a.join(session("old", "Alice", "u-a"), 1, TTL)
+    assert await b.join(session("same", "Alice", "u-a"), 1, TTL, displace=["old"]) is False
+    assert await b.join(session("other", "alice", "u-b"), 1, TTL, displace=["old", "same"]) is False
+    assert await a.live_channels() == {"old", "same", "other"}
+
+
+async def test_a_displaced_sessions_leaving_keeps_the_newcomer_online(stores):
+    a, b = stores
+    await a.join(session("old"), 1, TTL)
+    await b.join(session("new"), 1, TTL, displace=["old"])
+    assert await a.leave("old") == (session("old"), False)
+    assert await b.sessions_of("alice") == [session("new")]
+    assert await a.online_users() == [{"username": "alice", "user_id": "u-a"}]
+
+
+async def test_sessions_of_ignores_case_and_keeps_each_written_name(stores):
+    a, b = stores
+    await a.join(session("c1", "Alice"), 5, TTL)
+    await b.join(session("c2", "ALICE"), 5, TTL)
+    for asked in ("alice", "ALICE", "ａｌｉｃｅ"):
+        found = sorted(await b.sessions_of(asked), key=lambda s: s.channel)
+        assert found == [session("c1", "Alice"), session("c2", "ALICE")]
+    assert await a.sessions_of("bob") == []
+
+
+async def test_a_case_variant_brings_no_second_user_online(stores):
+    a, b = stores
+    assert await a.join(session("c1", "Alice"), 5, TTL) is True
+    assert await b.join(session("c2", "ALICE"), 5, TTL) is False
+    [listed] = await a.online_users()
+    assert listed["user_id"] == "u-a" and protocol.username_key(listed["username"]) == "alice"
+    assert await b.leave("c1") == (session("c1", "Alice"), False)
+    assert await a.leave("c2") == (session("c2", "ALICE"), True)
+    assert await b.online_users() == []
+
+
+async def test_online_users_show_the_written_form_and_the_same_on_every_process(stores):
+    a, b = stores
+    await a.join(session("c1", "carol", "u-c"), 5, TTL)
+    await b.join(session("c2", "Alice", "u-a"), 5, TTL)
+    await a.join(session("c3", "bob", "u-b"), 5, TTL)
+    expected = [
+        {"username": "Alice", "user_id": "u-a"},
+        {"username": "bob", "user_id": "u-b"},
+        {"username": "carol", "user_id": "u-c"},
+    ]
+    assert await a.online_users() == expected
+    assert await b.online_users() == expected
+
+
+async def test_a_later_session_written_differently_does_not_rename_the_user(stores):
+    """As in the memory store: the list shows the name as the user's first session wrote it."""
+    a, b = stores
+    await a.join(session("c1", "Alice"), 5, TTL)
+    await b.join(session("c2", "ALICE"), 5, TTL)
+    assert await a.online_users() == [{"username": "Alice", "user_id": "u-a"}]
