@@ -1,4 +1,9 @@
-"""The account API: POST /api/token and POST /api/users. JSON in, JSON out."""
+"""The account API: POST /api/token and POST /api/users. JSON in, JSON out.
+
+Async views: the password work runs in a slot on a pool thread (accounts.aissue_token),
+so a flood of logins neither queues up nor holds the thread of the WebSocket side's
+database work.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from django.views.decorators.http import require_POST
 
 from calls import accounts
 from calls.accounts import AccountError
+from calls.security import request_client_address
 
 MAX_BODY_BYTES = 4096
 
@@ -27,23 +33,29 @@ def _credentials(request: HttpRequest) -> tuple[str, str]:
     username, password = body.get("username"), body.get("password")
     if not isinstance(username, str) or not isinstance(password, str) or not username or not password:
         raise AccountError("invalid_request", "'username' and 'password' are required strings", 400)
+    try:
+        # JSON may carry lone surrogates ("\ud800"), which no database or hasher takes.
+        username.encode(), password.encode()
+    except UnicodeEncodeError:
+        raise AccountError("invalid_request", "'username' and 'password' must be valid Unicode text", 400) from None
     return username, password
 
 
 def _error(exc: AccountError) -> JsonResponse:
     response = JsonResponse({"error": exc.code, "message": exc.message}, status=exc.status)
-    if exc.status == 429:
-        response["Retry-After"] = str(accounts.FAILURE_WINDOW_S)
+    if exc.retry_after is not None:
+        response["Retry-After"] = str(exc.retry_after)
+    response["Cache-Control"] = "no-store"
     return response
 
 
 @csrf_exempt  # token API for apps: no cookies, no session, so no CSRF exposure
 @require_POST
-def token(request: HttpRequest) -> JsonResponse:
+async def token(request: HttpRequest) -> JsonResponse:
     """Exchange a username and password for a registration token."""
     try:
         username, password = _credentials(request)
-        issued = accounts.issue_token(username, password, request.META.get("REMOTE_ADDR", ""))
+        issued = await accounts.aissue_token(username, password, request_client_address(request))
     except AccountError as exc:
         return _error(exc)
     response = JsonResponse({"token": issued.token, "expires_at": issued.expires_at.isoformat()})
@@ -53,11 +65,11 @@ def token(request: HttpRequest) -> JsonResponse:
 
 @csrf_exempt  # see token()
 @require_POST
-def users(request: HttpRequest) -> JsonResponse:
+async def users(request: HttpRequest) -> JsonResponse:
     """Create an account, when SIGNALING_ALLOW_SIGNUP is on."""
     try:
         username, password = _credentials(request)
-        created = accounts.create_account(username, password)
+        created = await accounts.acreate_account(username, password, request_client_address(request))
     except AccountError as exc:
         return _error(exc)
     return JsonResponse({"username": created}, status=201)

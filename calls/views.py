@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from django.conf import settings
@@ -11,7 +10,6 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from calls.ice import ice_servers_for
-from calls.runtime import Runtime
 from calls.security import TokenInvalid, verify_token
 
 logger = logging.getLogger(__name__)
@@ -62,37 +60,23 @@ def _refused(status: int, code: str, message: str) -> JsonResponse:
     return response
 
 
-async def _registered_user(request: HttpRequest) -> str | None:
-    """Return the username if the query names a live session's username and user_id."""
-    username = request.GET.get("username", "")
-    user_id = request.GET.get("user_id", "")
-    if not username or not user_id:
-        return None
-    # The presence store of this process lives in the daphne event loop, which
-    # is why this view is async: a sync view would run in a worker thread.
-    store = Runtime.current().store
-    if not await store.sessions_of(username):
-        return None
-    for user in await store.online_users():
-        if user["username"] == username:
-            return username if hmac.compare_digest(user["user_id"].encode(), user_id.encode()) else None
-    return None
-
-
 @require_GET
 async def ice_servers(request: HttpRequest) -> JsonResponse:
-    """Hand out the ICE servers (and fresh TURN credentials) to a known user."""
-    if settings.SIGNALING_AUTH == "token":
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return _refused(401, "unauthorized", "Send Authorization: Bearer <token>")
-        try:
-            username = verify_token(token.strip())
-        except TokenInvalid as exc:
-            return _refused(401, "unauthorized", str(exc))
-    else:
-        username = await _registered_user(request)
-        if username is None:
-            return _refused(403, "forbidden", "Register first; then pass your username and user_id")
+    """Hand out the ICE servers (and fresh TURN credentials) to the holder of a token."""
+    if settings.SIGNALING_AUTH != "token":
+        # In open mode a username and user_id prove nothing: every client sees both
+        # in online_users. Registered sessions get the ICE servers in `registered`.
+        return _refused(
+            403,
+            "token_required",
+            "In open mode ICE servers come in the registered message; this endpoint needs SIGNALING_AUTH=token",
+        )
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return _refused(401, "unauthorized", "Send Authorization: Bearer <token>")
+    try:
+        username = verify_token(token.strip())
+    except TokenInvalid as exc:
+        return _refused(401, "unauthorized", str(exc))
     logger.debug("ICE servers handed out", extra={"user": username})
     return _no_store(JsonResponse({"ice_servers": ice_servers_for(username)}))

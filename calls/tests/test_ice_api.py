@@ -1,9 +1,9 @@
 """GET /api/ice-servers: who may have the ICE servers and fresh TURN credentials.
 
-Open mode: a user with a live session (username and user_id must match it).
 Token mode: a valid bearer token; the TURN credentials are for its subject.
-Most tests drive the real ASGI app in-process (the presence store then lives in
-the test's event loop, as it lives in daphne's); one runs against daphne itself.
+Open mode: nobody, since a username and user_id prove nothing there (every client
+sees both in online_users); registered sessions get the servers in `registered`.
+Most tests drive the ASGI app in-process; one runs against daphne itself.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ import hmac
 import json
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from typing import Any
 
 import pytest
-import websockets
 from django.test import AsyncClient
 
 from calls.security import mint_token
@@ -66,28 +64,22 @@ def assert_refused(response: Any, status: int, code: str) -> None:
     assert "ice_servers" not in body
 
 
-async def test_open_mode_hands_ice_servers_to_a_registered_user(connect, turn):
-    await connect("alice", "id-alice")
+async def test_open_mode_refuses_even_a_registered_users_name_and_user_id(connect, turn):
+    registered = await (await connect()).register("alice", "id-alice")
     response = await AsyncClient().get("/api/ice-servers", {"username": "alice", "user_id": "id-alice"})
-    assert response.status_code == 200
-    assert response["Cache-Control"] == "no-store"
-    assert_turn_entry_for(response.json(), "alice")
+    assert_refused(response, 403, "token_required")
+    assert response.json()["message"] == (
+        "In open mode ICE servers come in the registered message; this endpoint needs SIGNALING_AUTH=token"
+    )
+    # What a registered session gets instead, on its own socket.
+    assert registered["ice_servers"][1]["urls"] == [TURN_URL]
 
 
-async def test_open_mode_refuses_a_user_id_that_does_not_hold_the_username(connect, turn):
-    await connect("alice", "id-alice")
-    response = await AsyncClient().get("/api/ice-servers", {"username": "alice", "user_id": "id-mallory"})
-    assert_refused(response, 403, "forbidden")
-
-
-async def test_open_mode_refuses_users_that_are_not_online(connect, turn):
-    client = AsyncClient()
-    assert_refused(await client.get("/api/ice-servers", {"username": "bob", "user_id": "id-bob"}), 403, "forbidden")
-    assert_refused(await client.get("/api/ice-servers"), 403, "forbidden")
-    alice = await connect("alice", "id-alice")
-    await alice.close()
-    response = await client.get("/api/ice-servers", {"username": "alice", "user_id": "id-alice"})
-    assert_refused(response, 403, "forbidden")
+async def test_open_mode_refuses_a_bearer_token_too(turn, settings):
+    settings.SIGNALING_JWT_SECRET = JWT_SECRET
+    token, _ = mint_token("carol")
+    response = await AsyncClient().get("/api/ice-servers", headers={"Authorization": f"Bearer {token}"})
+    assert_refused(response, 403, "token_required")
 
 
 async def test_token_mode_hands_ice_servers_for_the_tokens_subject(token_mode):
@@ -133,30 +125,36 @@ async def test_the_api_answers_get_only(turn):
     assert response.status_code == 405
 
 
-def http_get(url: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+def http_request(url: str, body: dict[str, Any] | None = None, **headers: str) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode() if body is not None else None
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - a loopback test server
-            return response.status, dict(response.headers), json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - a loopback test server
+            return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), json.loads(error.read())
+        return error.code, json.loads(error.read())
 
 
-async def test_daphne_serves_the_api_from_the_presence_of_its_own_sockets(tmp_path):
-    env = {"SIGNALING_TURN_URLS": TURN_URL, "SIGNALING_TURN_SECRET": TURN_SECRET, "SIGNALING_TURN_TTL": "600"}
+async def test_daphne_hands_ice_servers_to_the_holder_of_a_token_from_the_api(tmp_path):
+    env = {
+        "SIGNALING_AUTH": "token",
+        "SIGNALING_JWT_SECRET": JWT_SECRET,
+        "SIGNALING_ALLOW_SIGNUP": "true",
+        "SIGNALING_TURN_URLS": TURN_URL,
+        "SIGNALING_TURN_SECRET": TURN_SECRET,
+        "SIGNALING_TURN_TTL": "600",
+    }
     with daphne_server(tmp_path, **env) as server:
-        query = urllib.parse.urlencode({"username": "alice", "user_id": "id-alice"})
-        url = f"{server.http_url}/api/ice-servers?{query}"
-        status, _, body = await asyncio.to_thread(http_get, url)
-        assert (status, body["error"]) == (403, "forbidden")
-        async with websockets.connect(server.url) as ws:
-            await ws.send(json.dumps({"type": "register", "username": "alice", "user_id": "id-alice"}))
-            registered = json.loads(await ws.recv())
-            assert registered["type"] == "registered"
-            status, headers, body = await asyncio.to_thread(http_get, url)
-            assert status == 200
-            assert headers["Cache-Control"] == "no-store"
-            (turn,) = body["ice_servers"]
-            assert turn["urls"] == [TURN_URL] and turn["username"].endswith(":alice")
-            assert registered["ice_servers"][0]["urls"] == [TURN_URL]
-            wrong = url.replace("id-alice", "id-mallory")
-            assert (await asyncio.to_thread(http_get, wrong))[0] == 403
+        ice_url = f"{server.http_url}/api/ice-servers"
+        status, body = await asyncio.to_thread(http_request, ice_url)
+        assert (status, body["error"]) == (401, "unauthorized")
+        account = {"username": "grace", "password": "a long and unusual passphrase"}
+        assert (await asyncio.to_thread(http_request, f"{server.http_url}/api/users", account))[0] == 201
+        status, issued = await asyncio.to_thread(http_request, f"{server.http_url}/api/token", account)
+        assert status == 200
+        status, body = await asyncio.to_thread(http_request, ice_url, Authorization=f"Bearer {issued['token']}")
+        assert status == 200
+        (turn,) = body["ice_servers"]
+        assert turn["urls"] == [TURN_URL] and turn["username"].endswith(":grace")

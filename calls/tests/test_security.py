@@ -10,7 +10,6 @@ import jwt
 import pytest
 import websockets
 from channels.db import database_sync_to_async
-from django.contrib.auth import get_user_model
 
 from calls.models import Call
 from calls.security import mint_token
@@ -61,7 +60,8 @@ async def test_a_hijack_attempt_is_refused_and_the_holder_keeps_its_call(connect
     assert (await database_sync_to_async(Call.objects.get)(pk=call_id)).status == "answered"
 
 
-async def test_the_same_user_id_may_open_another_session(connect):
+async def test_an_account_may_open_another_session_in_token_mode(connect, multi_device):
+    # Open mode holds one live session per name (calls/tests/test_identity.py).
     await connect("alice", "real-alice")
     second = await connect("alice", "real-alice")
     assert second.connected
@@ -73,12 +73,14 @@ async def test_a_username_is_free_again_once_its_holder_left(connect):
     await connect("alice", "second")
 
 
-async def test_sessions_per_user_are_capped(connect, settings):
+async def test_sessions_per_user_are_capped(connect, multi_device, settings):
     settings.SIGNALING_MAX_SESSIONS_PER_USER = 2
     await connect("alice", "a")
     await connect("alice", "a")
     third = await connect()
-    await third.send({"type": "register", "username": "alice", "user_id": "a"})
+    await third.send(
+        {"type": "register", "username": "alice", "user_id": "a", "token": mint_token("alice", user_id="a")[0]}
+    )
     await third.expect_error("too_many_sessions")
 
 
@@ -204,64 +206,7 @@ async def test_a_one_mebibyte_frame_never_reaches_the_app(tmp_path):
             assert json.loads(await ws.recv())["type"] == "pong"
 
 
-# --- accounts API ------------------------------------------------------------
-
-
-@pytest.fixture
-def accounts_on(settings):
-    settings.SIGNALING_JWT_SECRET = SECRET
-    settings.SIGNALING_ALLOW_SIGNUP = True
-
-
-def test_signup_then_token_then_register(client, accounts_on, transactional_db):
-    created = client.post("/api/users", {"username": "dana", "password": "a-long-pass-phrase-9"}, "application/json")
-    assert created.status_code == 201
-    user = get_user_model().objects.get(username="dana")
-    assert user.password.startswith(("pbkdf2_", "argon2", "bcrypt", "scrypt")) and "a-long-pass" not in user.password
-    issued = client.post("/api/token", {"username": "dana", "password": "a-long-pass-phrase-9"}, "application/json")
-    assert issued.status_code == 200 and issued["Cache-Control"] == "no-store"
-    claims = jwt.decode(issued.json()["token"], SECRET, algorithms=["HS256"])
-    assert claims["sub"] == "dana" and claims["exp"] > time.time()
-    assert issued.json()["expires_at"]
-
-
-def test_signup_is_off_by_default(client, settings, transactional_db):
-    settings.SIGNALING_JWT_SECRET = SECRET
-    response = client.post("/api/users", {"username": "dana", "password": "a-long-pass-phrase-9"}, "application/json")
-    assert response.status_code == 403
-    assert not get_user_model().objects.filter(username="dana").exists()
-
-
-def test_weak_passwords_and_taken_usernames_are_refused(client, accounts_on, transactional_db):
-    weak = client.post("/api/users", {"username": "dana", "password": "123"}, "application/json")
-    assert weak.status_code == 400
-    client.post("/api/users", {"username": "erin", "password": "a-long-pass-phrase-9"}, "application/json")
-    again = client.post("/api/users", {"username": "erin", "password": "another-pass-phrase-7"}, "application/json")
-    assert again.status_code == 409
-
-
-def test_failed_logins_are_throttled(client, accounts_on, transactional_db):
-    get_user_model().objects.create_user("frank", password="the-right-pass-phrase-1")
-    statuses = [
-        client.post("/api/token", {"username": "frank", "password": "wrong"}, "application/json").status_code
-        for _ in range(6)
-    ]
-    assert statuses == [401] * 5 + [429]
-    right = client.post("/api/token", {"username": "frank", "password": "the-right-pass-phrase-1"}, "application/json")
-    assert right.status_code == 429 and right["Retry-After"]
-
-
-def test_bad_api_bodies_get_clear_errors(client, accounts_on, transactional_db):
-    assert client.post("/api/token", "nope", "application/json").json()["error"] == "invalid_json"
-    assert client.post("/api/token", {"username": 5}, "application/json").status_code == 400
-    assert client.get("/api/token").status_code == 405
-
-
-def test_the_admin_is_for_staff_only(client, transactional_db):
-    get_user_model().objects.create_user("plain", password="a-long-pass-phrase-9")
-    client.login(username="plain", password="a-long-pass-phrase-9")
-    response = client.get("/admin/calls/call/")
-    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+# --- whole calls ---------------------------------------------------------------
 
 
 async def test_token_mode_still_serves_a_call(connect, token_mode):
