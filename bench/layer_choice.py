@@ -27,8 +27,8 @@ from typing import Any
 
 import websockets
 
-from calls.tests.servers import DaphneServer, server_env
-from calls.tests.services import PostgresServer, RedisServer, stop_on_sigterm
+from calls.testing.servers import DaphneServer, server_env
+from calls.testing.services import PostgresServer, RedisServer, stop_on_sigterm
 
 # name -> (SIGNALING_CHANNEL_LAYER, socket timeout of the layer's Redis connections or None for redis-py's default).
 # redis-py 8 times reads out after 5 s by default, exactly the core layer's blocking-pop

@@ -21,7 +21,7 @@ _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]*)(?::(?P<line>\d+))?\)$")
 
 
 def py_spy() -> str:
-    """Return the py-spy executable (requirements-dev.txt pins it)."""
+    """Return the py-spy executable (requirements-dev.lock pins it)."""
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(found).exists():
         raise RuntimeError("py-spy is not installed: `make install-dev`")
@@ -81,7 +81,7 @@ def micro_costs() -> dict[str, float]:
     import json
 
     from bench.loadgen import CANDIDATE
-    from calls import protocol
+    from calls.wire import protocol
 
     inbound = json.dumps(
         {

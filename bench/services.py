@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from calls.tests.servers import free_port, wait_for_port
-from calls.tests.services import PostgresServer
+from calls.testing.servers import free_port, wait_for_port
+from calls.testing.services import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work"

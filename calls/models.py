@@ -8,7 +8,7 @@ from datetime import timedelta
 from django.db import models
 from django.utils import timezone
 
-from calls.states import LIVE_STATUSES, CallStatus, EndReason
+from calls.callflow.states import LIVE_STATUSES, CallStatus, EndReason
 
 
 class SignalingUser(models.Model):

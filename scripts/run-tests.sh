@@ -27,4 +27,4 @@ if ! { ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl 
   echo "PostgreSQL is not installed: skipping pass 2 (make system-packages installs it)" >&2
   exit 0
 fi
-python -m calls.tests.services with-postgres -- python -m pytest -m database
+python -m calls.testing.services with-postgres -- python -m pytest -m database

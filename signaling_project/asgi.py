@@ -15,14 +15,13 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from calls import backpressure, shutdown  # noqa: E402
-from calls.routing import websocket_urlpatterns  # noqa: E402
-from calls.security import OriginValidator  # noqa: E402
+from calls.process.routing import websocket_urlpatterns  # noqa: E402
+from calls.realtime.security import OriginValidator  # noqa: E402
+from calls.server import daphne as daphne_server  # noqa: E402
 
 # daphne tuning: a cap on what a client that stops reading can pile up, and a
-# graceful drain on SIGTERM (calls/backpressure.py, calls/shutdown.py).
-backpressure.install()
-shutdown.install()
+# graceful drain on SIGTERM (calls/server/daphne.py).
+daphne_server.install()
 
 application = ProtocolTypeRouter(
     {

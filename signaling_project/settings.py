@@ -136,7 +136,7 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "calls.layers.SignalingInMemoryLayer",
+            "BACKEND": "calls.realtime.layers.SignalingInMemoryLayer",
             "CONFIG": {"capacity": 1000, "expiry": 60},
         }
     }
@@ -277,9 +277,9 @@ LOG_LEVEL = env_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"line": {"()": "calls.logs.LineFormatter", "output": SIGNALING_LOG_FORMAT}},
+    "formatters": {"line": {"()": "calls.observability.logs.LineFormatter", "output": SIGNALING_LOG_FORMAT}},
     # At INFO and above, secret-named fields are redacted and long ones cut (calls/logs.py).
-    "filters": {"redact": {"()": "calls.logs.RedactFilter"}},
+    "filters": {"redact": {"()": "calls.observability.logs.RedactFilter"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "line", "filters": ["redact"]}},
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {

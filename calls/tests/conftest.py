@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from channels.layers import channel_layers
 
-from calls.runtime import Runtime
-from calls.security import mint_token
+from calls.process.runtime import Runtime
+from calls.realtime.security import mint_token
 from calls.tests.conftest_services import *  # noqa: F403 - service fixtures and the database marker
 from calls.tests.wsclient import Client
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from calls.tests.services import PostgresServer, RedisServer, ServiceMissing, in_ci
+from calls.testing.services import PostgresServer, RedisServer, ServiceMissing, in_ci
 
 __all__ = [
     "pytest_collection_modifyitems",

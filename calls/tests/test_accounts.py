@@ -24,8 +24,8 @@ from django.core.cache import cache
 from django.test import AsyncClient, Client
 from django.test.client import MULTIPART_CONTENT
 
-from calls import accounts
-from calls.throttle import password_checks
+from calls.http import accounts
+from calls.http.throttle import password_checks
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from calls.tests.servers import DaphneServer, daphne_server
+from calls.testing.servers import DaphneServer, daphne_server
 from calls.tests.wire import (
     FreezableProxy,
     RawClient,

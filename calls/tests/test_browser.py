@@ -29,8 +29,8 @@ import jwt
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Locator, Page, WebSocket, expect, sync_playwright
 
-from calls.tests.servers import DaphneServer, daphne_server
-from calls.tests.services import in_ci
+from calls.testing.servers import DaphneServer, daphne_server
+from calls.testing.services import in_ci
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -12,10 +12,10 @@ import pytest
 from channels.db import database_sync_to_async
 from django.utils import timezone
 
-from calls import lifecycle
-from calls.lifecycle import CallRefused
+from calls.callflow import store as call_store
+from calls.callflow.states import CallStatus, EndReason, IllegalTransition, check_transition
 from calls.models import Call, CallEvent, SignalingUser
-from calls.states import CallStatus, EndReason, IllegalTransition, check_transition
+from calls.wire.errors import SignalingError
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -112,11 +112,11 @@ async def test_an_unanswered_call_times_out_for_both(connect, settings):
 async def test_the_reaper_expires_a_call_whose_timer_was_lost(connect, runtime):
     alice, bob = await connect("alice"), await connect("bob")
     call_id = await ring(alice, [bob])
-    runtime.cancel_ring_timeout(call_id)
+    runtime.calls.cancel_ring_timeout(call_id)
     await database_sync_to_async(
         lambda: Call.objects.filter(pk=call_id).update(ring_deadline=timezone.now() - timedelta(seconds=1))
     )()
-    await runtime.reap_once()
+    await runtime.reaper.reap_once()
     assert (await bob.expect("call_ended"))["reason"] == "timeout"
     assert (await alice.expect("call_ended"))["reason"] == "timeout"
     assert (await call_row(call_id)).status == "missed"
@@ -231,16 +231,16 @@ def test_concurrent_accepts_in_the_database_let_exactly_one_win(transactional_db
     now = timezone.now()
     alice = SignalingUser.objects.create(username="alice", user_id="a", last_seen=now)
     SignalingUser.objects.create(username="bob", user_id="b", last_seen=now)
-    record = lifecycle.start_call(lifecycle.Actor("chan-a", alice.username), "bob", ring_timeout=30)
+    record = call_store.start_call(call_store.Actor("chan-a", alice.username), "bob", ring_timeout=30)
     results: list[str] = []
     barrier = threading.Barrier(4)
 
     def accept(session: str) -> None:
         barrier.wait()
         try:
-            lifecycle.accept_call(record.call_id, lifecycle.Actor(session, "bob"))
+            call_store.accept_call(record.call_id, call_store.Actor(session, "bob"))
             results.append("won")
-        except CallRefused as exc:
+        except SignalingError as exc:
             results.append(exc.code)
 
     threads = [threading.Thread(target=accept, args=(f"chan-b{i}",)) for i in range(4)]
@@ -325,7 +325,7 @@ async def test_stale_calls_left_by_a_crash_are_closed_by_the_reaper(runtime, tra
         return str(ringing.pk), str(answered.pk)
 
     ringing, answered = await leave_stale_calls()
-    await runtime.reap_once()
+    await runtime.reaper.reap_once()
     assert ((await call_row(ringing)).status, (await call_row(ringing)).end_reason) == ("failed", "disconnected")
     assert ((await call_row(answered)).status, (await call_row(answered)).end_reason) == ("completed", "disconnected")
 

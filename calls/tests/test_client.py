@@ -18,7 +18,7 @@ import pytest
 import signaling_client as sc
 from websockets.asyncio.server import ServerConnection, serve
 
-from calls.tests.servers import DaphneServer, daphne_server, migrate, server_env
+from calls.testing.servers import DaphneServer, daphne_server, migrate, server_env
 
 E = TypeVar("E", bound=sc.Event)
 TIMEOUT = 10

@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 import websockets
 
-from calls.tests.servers import daphne_server
+from calls.testing.servers import daphne_server
 from calls.tests.wire import recv_type
 
 

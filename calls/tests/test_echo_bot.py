@@ -24,8 +24,8 @@ from aioice import stun
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from calls.echo import candidate_from_wire, rtc_configuration, rtc_ice_servers
-from calls.tests.servers import ROOT, daphne_server
+from calls.echo.bot import candidate_from_wire, rtc_configuration, rtc_ice_servers
+from calls.testing.servers import ROOT, daphne_server
 from calls.tests.test_client import Recorder, call_row, until_online
 
 WIDTH, HEIGHT = 320, 240

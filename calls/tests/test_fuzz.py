@@ -19,9 +19,9 @@ from channels.layers import channel_layers
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from calls import protocol
-from calls.runtime import Runtime
+from calls.process.runtime import Runtime
 from calls.tests.wsclient import Client
+from calls.wire import protocol, text
 
 EXAMPLES = 100
 FRAMES_PER_EXAMPLE = 100  # 100 x 100 = 10,000 frames
@@ -144,7 +144,7 @@ hand_made = st.one_of(
         st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e999", "1e308", "-0.0"]),
     ),
     st.builds(nested_frame, st.integers(0, 40), st.booleans())
-    | st.builds(crowded_frame, st.integers(protocol.MAX_NODES - 8, protocol.MAX_NODES)),
+    | st.builds(crowded_frame, st.integers(text.MAX_NODES - 8, text.MAX_NODES)),
 )
 # Binary frames: bytes that are not UTF-8 (each holds a byte no UTF-8 text has), and JSON as bytes.
 never_utf8 = st.sampled_from([b"\xff", b"\xfe", b"\xc0\xaf", b"\xc1\xbf", b"\xed\xa0\x80", b"\xf5\x80\x80\x80"])

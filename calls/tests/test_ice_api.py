@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from django.test import AsyncClient
 
-from calls.security import mint_token
-from calls.tests.servers import daphne_server
+from calls.realtime.security import mint_token
+from calls.testing.servers import daphne_server
 
 TURN_URL = "turn:127.0.0.1:3478?transport=udp"
 TURN_SECRET = "turn-secret-for-tests"

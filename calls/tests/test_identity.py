@@ -7,7 +7,7 @@ import pytest
 from channels.db import database_sync_to_async
 
 from calls.models import Call, CallEvent, SignalingUser
-from calls.security import mint_token
+from calls.realtime.security import mint_token
 from calls.tests.wsclient import Client
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from calls.layers import SignalingInMemoryLayer
+from calls.realtime.layers import SignalingInMemoryLayer
 
 
 @pytest.fixture

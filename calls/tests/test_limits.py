@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from calls import limits, security
-from calls.limits import CALL_WINDOW_S, UNANSWERED_WINDOW_S, CallLimits, ConnectionLimits
+from calls.callflow import limits as call_limits
+from calls.callflow.limits import CALL_WINDOW_S, UNANSWERED_WINDOW_S, CallLimits
+from calls.realtime import limits, security
+from calls.realtime.limits import ConnectionLimits
 
 
 class Clock:
@@ -28,6 +30,7 @@ class Clock:
 def clock(monkeypatch) -> Clock:
     clock = Clock()
     monkeypatch.setattr(limits, "time", clock)
+    monkeypatch.setattr(call_limits, "time", clock)
     monkeypatch.setattr(security, "time", clock)
     return clock
 

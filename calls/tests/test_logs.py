@@ -14,8 +14,8 @@ from typing import Any
 
 import websockets
 
-from calls.logs import LineFormatter, RedactFilter
-from calls.tests.servers import ROOT, daphne_server, server_env
+from calls.observability.logs import LineFormatter, RedactFilter
+from calls.testing.servers import ROOT, daphne_server, server_env
 from calls.tests.test_resume import next_of, register
 
 # key=value, the value bare or a quoted JSON string literal; pairs separated by one space.
@@ -245,10 +245,12 @@ async def test_a_real_server_logs_one_well_formed_line_per_event_and_no_sdp_or_t
     ours = [line for line in logs.splitlines() if "logger=calls." in line]
     parsed = [parse_logfmt(line) for line in ours]  # raises on a line that is not one whole logfmt record
     assert all(list(fields)[:4] == ["ts", "level", "logger", "msg"] for fields in parsed)
-    sessions = {(f["msg"], f.get("user")) for f in parsed if f["logger"] in ("calls.consumers", "calls.resume")}
+    sessions = {
+        (f["msg"], f.get("user")) for f in parsed if f["logger"] in ("calls.realtime.consumer", "calls.realtime.resume")
+    }
     assert {("session registered", "alice"), ("session registered", "bob"), ("session resumed", "alice")} <= sessions
     assert all(f["session"] for f in parsed if f["msg"].startswith("session "))
-    lifecycle = [fields for fields in parsed if fields["logger"] == "calls.lifecycle"]
+    lifecycle = [fields for fields in parsed if fields["logger"] == "calls.callflow.store"]
     assert [fields["msg"] for fields in lifecycle] == ["call started", "call transition", "call transition"]
     assert all(fields["call"] == call_id and fields["session"] for fields in lifecycle)
     assert [(f["old_status"], f["new_status"]) for f in lifecycle[1:]] == [

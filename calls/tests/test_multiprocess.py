@@ -17,9 +17,9 @@ import psycopg
 import pytest
 import websockets
 
+from calls.testing.servers import DaphneServer, server_env
+from calls.testing.services import RedisServer
 from calls.tests.conftest_services import start_service
-from calls.tests.servers import DaphneServer, server_env
-from calls.tests.services import RedisServer
 
 pytestmark = pytest.mark.services
 

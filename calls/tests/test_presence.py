@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from calls import protocol
-from calls.presence import JoinRefused, MemoryPresenceStore, PresenceHub, SessionInfo
+from calls.presence.base import JoinRefused, SessionInfo
+from calls.presence.hub import PresenceHub
+from calls.presence.memory import MemoryPresenceStore
+from calls.wire import protocol
 
 TTL = 30.0
 

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from calls import protocol
-from calls.presence import JoinRefused, SessionInfo, StoreUnavailable
-from calls.presence_redis import RedisPresenceStore
+from calls.presence.base import JoinRefused, SessionInfo, StoreUnavailable
+from calls.presence.redis import RedisPresenceStore
+from calls.wire import protocol, text
 
 pytestmark = pytest.mark.services
 
@@ -281,7 +281,7 @@ async def test_a_case_variant_brings_no_second_user_online(stores):
     assert await a.join(session("c1", "Alice"), 5, TTL) is True
     assert await b.join(session("c2", "ALICE"), 5, TTL) is False
     [listed] = await a.online_users()
-    assert listed["user_id"] == "u-a" and protocol.username_key(listed["username"]) == "alice"
+    assert listed["user_id"] == "u-a" and text.username_key(listed["username"]) == "alice"
     assert await b.leave("c1") == (session("c1", "Alice"), False)
     assert await a.leave("c2") == (session("c2", "ALICE"), True)
     assert await b.online_users() == []

@@ -1,4 +1,4 @@
-"""The parser alone: every frame becomes a message or a ProtocolError with its code."""
+"""The parser alone: every frame becomes a message or a SignalingError with its code."""
 
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ import json
 
 import pytest
 
-from calls import protocol
-from calls.protocol import ProtocolError, parse_message
+from calls.wire import protocol, text
+from calls.wire.errors import SignalingError
+from calls.wire.protocol import parse_message
 
 
 def parse(obj) -> protocol.Message:
     return parse_message(json.dumps(obj))
 
 
-def refusal(obj) -> ProtocolError:
-    """Return the ProtocolError a frame (an object, or text as sent) is refused with."""
-    with pytest.raises(ProtocolError) as info:
+def refusal(obj) -> SignalingError:
+    """Return the SignalingError a frame (an object, or text as sent) is refused with."""
+    with pytest.raises(SignalingError) as info:
         parse_message(obj if isinstance(obj, str) else json.dumps(obj))
     return info.value
 
@@ -69,7 +70,7 @@ def test_it_refuses_bad_frames_with_their_code(frame, code):
 
 
 def test_the_error_names_the_missing_field():
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(SignalingError) as info:
         parse({"type": "call_request"})
     assert "target_username" in info.value.message
 
@@ -160,7 +161,7 @@ def nested(levels: int) -> dict:
 
 
 def test_a_frame_nesting_sixteen_levels_is_accepted():
-    assert protocol.MAX_DEPTH == 16
+    assert text.MAX_DEPTH == 16
     assert isinstance(parse(nested(16)), protocol.Signal)
 
 
@@ -179,12 +180,12 @@ def test_arrays_count_as_levels_too():
 
 # The message object, "type", "target_username", "data" and the list: 5 values besides the items.
 def test_a_frame_holding_max_nodes_values_is_accepted():
-    items = protocol.MAX_NODES - 5
+    items = text.MAX_NODES - 5
     assert len(parse({**OFFER, "data": {"x": [0] * items}}).data["x"]) == items
 
 
 def test_a_frame_holding_more_than_max_nodes_values_is_refused():
-    error = refusal({**OFFER, "data": {"x": [0] * (protocol.MAX_NODES - 4)}})
+    error = refusal({**OFFER, "data": {"x": [0] * (text.MAX_NODES - 4)}})
     assert (error.code, error.message) == ("invalid_message", "Message must hold at most 10000 values")
 
 
@@ -231,13 +232,13 @@ def test_a_username_keeps_its_case_and_accents():
 
 
 def test_usernames_differing_in_case_or_width_share_one_key():
-    assert protocol.username_key("Alice") == protocol.username_key("ALICE") == protocol.username_key("ａｌｉｃｅ")
-    assert protocol.username_key("alice") != protocol.username_key("alice2")
+    assert text.username_key("Alice") == text.username_key("ALICE") == text.username_key("ａｌｉｃｅ")
+    assert text.username_key("alice") != text.username_key("alice2")
 
 
 def test_normalize_username_refuses_with_a_reason():
-    with pytest.raises(protocol.InvalidUsername, match="spaces"):
-        protocol.normalize_username("alice ")
+    with pytest.raises(text.InvalidUsername, match="spaces"):
+        text.normalize_username("alice ")
 
 
 def test_register_carries_its_device_id():

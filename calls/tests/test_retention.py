@@ -8,9 +8,9 @@ import pytest
 from channels.db import database_sync_to_async
 from django.utils import timezone
 
-from calls import lifecycle
+from calls.callflow import store as call_store
+from calls.callflow.states import CallStatus
 from calls.models import Call, CallEvent, SignalingUser
-from calls.states import CallStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -101,7 +101,7 @@ async def test_zero_days_keeps_all_history(runtime, settings):
 
 
 async def test_more_old_calls_than_one_batch_all_go(runtime, ninety_days, monkeypatch):
-    monkeypatch.setattr(lifecycle, "HISTORY_DELETE_BATCH", 2)
+    monkeypatch.setattr(call_store, "HISTORY_DELETE_BATCH", 2)
     for _ in range(5):
         await make_call("completed", days_ago=120)
     kept = await make_call("completed", days_ago=10)
@@ -115,7 +115,7 @@ async def test_delete_history_before_reports_how_many_calls_went(transactional_d
         await make_call("completed", days_ago=days)
     await make_call("completed", days_ago=5)
     cutoff = timezone.now() - timedelta(days=90)
-    assert await database_sync_to_async(lifecycle.delete_history_before)(cutoff) == 2
+    assert await database_sync_to_async(call_store.delete_history_before)(cutoff) == 2
 
 
 async def test_a_trimmed_call_leaves_the_owners_history(runtime, connect, multi_device, ninety_days):

@@ -9,9 +9,9 @@ from channels.db import database_sync_to_async
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from calls import lifecycle
+from calls.callflow import store as call_store
 from calls.models import SignalingUser
-from calls.runtime import UserRows
+from calls.process.runtime import UserRows
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -22,14 +22,14 @@ def _rows() -> dict[str, str]:
 
 async def test_registrations_arriving_together_share_one_statement(monkeypatch):
     batches: list[int] = []
-    write = lifecycle.touch_users
+    write = call_store.touch_users
 
     def counted(users: dict[str, str]) -> None:
         with CaptureQueriesContext(connection) as queries:
             write(users)
         batches.append((len(users), sum(q["sql"].startswith("INSERT") for q in queries.captured_queries)))
 
-    monkeypatch.setattr(lifecycle, "touch_users", counted)
+    monkeypatch.setattr(call_store, "touch_users", counted)
     users = UserRows()
     # All 100 arrive before the writer's first turn: one statement writes them all.
     await asyncio.gather(*(users.touch(f"user{i}", f"id-{i}") for i in range(100)))
@@ -53,7 +53,7 @@ async def test_a_failed_write_fails_every_registration_waiting_on_it(monkeypatch
     def broken(users: dict[str, str]) -> None:
         raise RuntimeError("database down")
 
-    monkeypatch.setattr(lifecycle, "touch_users", broken)
+    monkeypatch.setattr(call_store, "touch_users", broken)
     users = UserRows()
     results = await asyncio.gather(users.touch("a", "1"), users.touch("b", "2"), return_exceptions=True)
     assert [str(r) for r in results] == ["database down", "database down"]

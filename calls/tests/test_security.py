@@ -12,8 +12,8 @@ import websockets
 from channels.db import database_sync_to_async
 
 from calls.models import Call
-from calls.security import mint_token
-from calls.tests.servers import daphne_server
+from calls.realtime.security import mint_token
+from calls.testing.servers import daphne_server
 from calls.tests.wsclient import Client
 
 pytestmark = pytest.mark.django_db(transaction=True)

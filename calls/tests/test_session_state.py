@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from calls.lifecycle import CallRecord
-from calls.presence import MemoryPresenceStore, SessionInfo
-from calls.resume import reconcile
-from calls.session import LiveCall
+from calls.callflow.live import LiveCall
+from calls.callflow.store import CallRecord
+from calls.presence.base import SessionInfo
+from calls.presence.memory import MemoryPresenceStore
+from calls.realtime.resume import reconcile
 
 OLD, NEW = "old-channel", "new-channel"
 

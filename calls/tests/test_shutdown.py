@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 import websockets
 
-from calls.tests.servers import daphne_server
+from calls.testing.servers import daphne_server
 from calls.tests.test_multiprocess import TIMEOUT, Peer, answered_call, peers, ring, start_cluster  # noqa: F401
 
 SERVICE_RESTART = 1012

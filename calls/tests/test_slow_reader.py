@@ -11,7 +11,7 @@ import struct
 
 import websockets
 
-from calls.tests.servers import daphne_server
+from calls.testing.servers import daphne_server
 
 LONG_ID = "i" * 128
 

@@ -26,9 +26,9 @@ from aioice.turn import create_turn_endpoint
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
-from calls.ice import ice_servers_for, turn_credentials
-from calls.tests.servers import free_port
-from calls.tests.services import in_ci
+from calls.realtime.ice import ice_servers_for, turn_credentials
+from calls.testing.servers import free_port
+from calls.testing.services import in_ci
 
 SECRET = "coturn-static-auth-secret-for-tests"
 REALM = "signaling.test"

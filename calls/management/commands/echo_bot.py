@@ -10,7 +10,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from signaling_client import RegistrationError
 
-from calls.echo import run_echo_bot, use_host_addresses
+from calls.echo.bot import run_echo_bot, use_host_addresses
 
 
 class Command(BaseCommand):

@@ -1,0 +1,97 @@
+"""What text the server accepts: the username rule, and values that can be sent on.
+
+Pure code. Python's json accepts `"\\ud800"` (a lone surrogate, which no UTF-8
+encoder takes), `NaN`, `Infinity` and `1e400`; relayed to a peer, the first
+breaks its socket's encoder and the others are not JSON. Every inbound frame is
+checked here before anything acts on it.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from typing import Any
+
+from calls.wire.errors import SignalingError
+
+USERNAME_MAX = 64
+# How deep a frame may nest (the message object is level 1, `data` level 2): an
+# SDP or a candidate is flat; anything deeper is a client bug or an attack, and
+# re-encoding it for the peer must never hit a recursion limit.
+MAX_DEPTH = 16
+# Values (objects, arrays, strings, numbers) one frame may hold, whatever its size.
+MAX_NODES = 10_000
+INVALID_MESSAGE = "invalid_message"
+
+
+# Characters no username may hold: control (Cc), format (Cf: bidi overrides, zero-width
+# joiners and spaces), surrogate (Cs), private use (Co), unassigned (Cn), and line or
+# paragraph separators (Zl, Zp). Each lets two names look alike or a name hide text.
+_BANNED_IN_USERNAMES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+class InvalidUsername(ValueError):
+    """A username the rule below refuses; the message says why."""
+
+
+def normalize_username(value: str) -> str:
+    """Return a username in its one written form (NFKC), or raise InvalidUsername.
+
+    Look-alikes are refused or folded: compatibility forms (full-width letters,
+    ligatures) become their plain letters, and characters that are invisible or
+    reorder text are refused. Ownership also ignores case: see `username_key`.
+    """
+    name = unicodedata.normalize("NFKC", value)
+    if not 1 <= len(name) <= USERNAME_MAX:
+        raise InvalidUsername(f"must be 1 to {USERNAME_MAX} characters")
+    if name != name.strip():
+        raise InvalidUsername("must not start or end with spaces")
+    if any(unicodedata.category(ch) in _BANNED_IN_USERNAMES for ch in name):
+        raise InvalidUsername("must not contain control, format, surrogate or unassigned characters")
+    return name
+
+
+def username_key(username: str) -> str:
+    """Return what two usernames are compared by: one owner per key (case and width ignored)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", username).casefold())
+
+
+def check_values(obj: dict[str, Any]) -> None:
+    """Refuse what could not be sent on: lone surrogates, non-finite numbers, deep nesting.
+
+    Python's json accepts `"\\ud800"` (a lone surrogate, which no UTF-8 encoder
+    takes), `NaN`, `Infinity` and `1e400`; relayed to a peer, the first breaks
+    its socket's encoder and the others are not JSON. The error names the field.
+    """
+    nodes = 0
+    stack: list[tuple[Any, str, int]] = [(obj, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise SignalingError(INVALID_MESSAGE, f"Message must hold at most {MAX_NODES} values")
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise SignalingError(INVALID_MESSAGE, f"'{path}' must be a finite number")
+        elif isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                raise SignalingError(INVALID_MESSAGE, f"'{path}' nests deeper than {MAX_DEPTH} levels")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    child = f"{path}.{key}" if path else key
+                    _check_text(key, child)
+                    stack.append((item, child, depth + 1))
+            else:
+                stack.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))
+
+
+def _check_text(value: str, path: str) -> None:
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:80]
+        raise SignalingError(INVALID_MESSAGE, f"'{shown}' must be valid Unicode text (no lone surrogates)") from None
