@@ -149,15 +149,15 @@ class CallService:
             caller_event = events.call_rejected(record.call_id, record.callee_username, record.end_reason)
         else:
             caller_event = events.call_ended(record.call_id, record.end_reason)
-        await self._deliver(lambda: self.courier.send(record.caller_channel, caller_event), record.call_id)
+        await self._send_or_retry(lambda: self.courier.send(record.caller_channel, caller_event), record.call_id)
         callee_event = events.call_ended(record.call_id, record.end_reason)
         if record.callee_channel:
-            await self._deliver(lambda: self.courier.send(record.callee_channel, callee_event), record.call_id)
+            await self._send_or_retry(lambda: self.courier.send(record.callee_channel, callee_event), record.call_id)
         else:
             callee = record.callee_username
-            await self._deliver(lambda: self.courier.send_to_user(callee, callee_event), record.call_id)
+            await self._send_or_retry(lambda: self.courier.send_to_user(callee, callee_event), record.call_id)
 
-    async def _deliver(self, send: Callable[[], Awaitable[None]], call_id: str) -> None:
+    async def _send_or_retry(self, send: Callable[[], Awaitable[None]], call_id: str) -> None:
         """Send a call's end; while the layer is down (Redis restarting) keep trying in the background.
 
         The call has already ended in the database: a party that is never told

@@ -61,7 +61,7 @@ class CallTable:
             return None
         return call
 
-    async def tell_peer(self, call: LiveCall, event: dict[str, Any]) -> None:
+    async def send_to_peer(self, call: LiveCall, event: dict[str, Any]) -> None:
         """Send a layer event to the other party of a call: its session, or all its sessions."""
         sessions = self.party.services.sessions
         if call.peer_channel:
@@ -69,10 +69,10 @@ class CallTable:
         else:
             await sessions.send_to_user(call.peer_username, event)
 
-    async def tell_peers(self, event_for: Callable[[LiveCall], dict[str, Any]]) -> None:
+    async def send_to_peers(self, event_for: Callable[[LiveCall], dict[str, Any]]) -> None:
         """Send each call's peer the event built for that call."""
         for call in list(self.calls.values()):
-            await self.tell_peer(call, event_for(call))
+            await self.send_to_peer(call, event_for(call))
 
     # --- What the client asks ---------------------------------------------
 
@@ -129,7 +129,7 @@ class CallTable:
         # without the layer (a Redis round trip), like every event sent to one session,
         # so they keep their order. Before the answer, signals go to every session of
         # the callee as a group send, through the layer.
-        await self.tell_peer(call, event)
+        await self.send_to_peer(call, event)
 
     async def send_history(self, message: protocol.HistoryRequest) -> None:
         party = self.party

@@ -292,8 +292,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         """This session as the actor of a call change."""
         return Actor(self.channel_name, self.session.username if self.session else "", self.device_id)
 
-    async def tell_peers(self, event_for: Callable[[LiveCall], dict[str, Any]]) -> None:
-        await self.table.tell_peers(event_for)
+    async def send_to_peers(self, event_for: Callable[[LiveCall], dict[str, Any]]) -> None:
+        await self.table.send_to_peers(event_for)
 
     # --- Events for this consumer from this process ---------------------
 
@@ -353,7 +353,9 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if self.session is not None:
             self.services.sessions.socket_lost(self.channel_name)
             if event["carry"] and self.resumption.enabled:
-                await self.tell_peers(lambda call: events.call_peer_reconnecting(call.call_id, self.session.username))
+                await self.send_to_peers(
+                    lambda call: events.call_peer_reconnecting(call.call_id, self.session.username)
+                )
                 await self.resumption.park([], 0, settings.SIGNALING_RESUME_GRACE)
             else:
                 await self.end_session(protocol.CLOSE_SERVICE_RESTART)

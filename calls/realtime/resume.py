@@ -97,7 +97,7 @@ class ResumableSocket(Protocol):
     async def send_registered(self, **extra: Any) -> None: ...
     async def dispatch(self, message: dict[str, Any]) -> None: ...
     async def end_session(self, code: int) -> None: ...
-    async def tell_peers(self, event_for: Any) -> None: ...
+    async def send_to_peers(self, event_for: Any) -> None: ...
     def post(self, event: dict[str, Any]) -> None: ...
     def socket_gone(self) -> None: ...
     def became(self, session: SessionInfo, delta: bool) -> None: ...
@@ -155,7 +155,7 @@ class Resumption:
         socket.services.sessions.socket_lost(socket.channel_name)
         self.held = deque()
         self.held_bytes = 0
-        await socket.tell_peers(lambda call: events.call_peer_reconnecting(call.call_id, socket.session.username))
+        await socket.send_to_peers(lambda call: events.call_peer_reconnecting(call.call_id, socket.session.username))
         loop = asyncio.get_running_loop()
         self.held_until = loop.time() + settings.SIGNALING_RESUME_GRACE
         self.held_timer = loop.call_later(settings.SIGNALING_RESUME_GRACE, socket.post, events.session_expire(code))
@@ -299,7 +299,7 @@ class Resumption:
             ],
         )
         services.sessions.listen(socket)
-        await socket.tell_peers(
+        await socket.send_to_peers(
             lambda call: events.call_peer_moved(call.call_id, session.username, socket.channel_name)
         )
         for notice in missed:  # what happened to its calls while no socket could be told
