@@ -4,18 +4,42 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8765
 export PORT
+# Pinned so that a fresh clone builds the same .venv; pip-tools 7.6.2 works with this pip.
+PIP_VERSION := 26.3
+PIP_TOOLS_VERSION := 7.6.2
+# The lock files carry a hash for every file of every transitive dependency, and no
+# index or find-links setting of the machine that compiled them.
+PIP_COMPILE := $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	--no-emit-index-url --no-emit-find-links --no-emit-trusted-host $(LOCK_FLAGS)
 
-.PHONY: run test install install-dev system-packages lint format migrate bench clean
+.PHONY: run test install install-echo install-dev lock system-packages lint format migrate bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
 
-install: $(BIN)/python  ## Create .venv and install the server's dependencies.
-	$(BIN)/pip install --quiet -r requirements.txt
+# The lock files are installed in hash-checking mode. The client library in ./client is
+# local (nothing to hash): it is installed on its own, without dependencies (its one
+# dependency, websockets, is in requirements.lock).
+install: $(BIN)/python  ## Create .venv and install the server's dependencies (requirements.lock).
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
 
-install-dev: $(BIN)/python  ## Install the server, test and client-library dependencies.
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+install-echo: install  ## Also install the echo bot's: aiortc and the client library.
+	$(BIN)/pip install --quiet --require-hashes -r requirements-echo.lock
+	$(BIN)/pip install --quiet --no-deps -e ./client
+
+install-dev: $(BIN)/python  ## Install the server, echo bot, test and client-library dependencies.
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e ./client
+
+# Each lock is compiled against the ones before it (the .in files say -c), so a package
+# has one version in all three. Existing pins are kept unless the .in files need others;
+# `make lock LOCK_FLAGS=--upgrade` moves every package to the newest version allowed.
+lock: $(BIN)/python  ## Recompile requirements*.lock from requirements*.in.
+	$(BIN)/pip install --quiet pip-tools==$(PIP_TOOLS_VERSION)
+	CUSTOM_COMPILE_COMMAND="make lock" $(PIP_COMPILE) --output-file requirements.lock requirements.in
+	CUSTOM_COMPILE_COMMAND="make lock" $(PIP_COMPILE) --output-file requirements-echo.lock requirements-echo.in
+	CUSTOM_COMPILE_COMMAND="make lock" $(PIP_COMPILE) --output-file requirements-dev.lock requirements-dev.in
 
 migrate: install
 	$(BIN)/python manage.py migrate --noinput

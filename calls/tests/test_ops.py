@@ -22,8 +22,10 @@ import websockets
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from calls import lifecycle, metrics, protocol
-from calls.tests.servers import ROOT, DaphneServer, daphne_server, free_port
+from calls.callflow import store as call_store
+from calls.observability import metrics
+from calls.testing.servers import ROOT, DaphneServer, daphne_server, free_port
+from calls.wire import protocol
 
 TIMEOUT = 10.0
 BLUEPRINT = ROOT / "render.yaml"
@@ -256,10 +258,10 @@ def test_relay_latency_lands_in_the_histogram():
 
 @pytest.mark.django_db
 def test_calls_by_status_are_counted_from_the_database_at_scrape_time():
-    lifecycle.touch_users({"alice": "u-a", "bob": "u-b", "carol": "u-c"})
-    first = lifecycle.start_call(lifecycle.Actor("chan-a", "alice"), "bob", 45)
-    lifecycle.start_call(lifecycle.Actor("chan-c", "carol"), "bob", 45)  # bob is being called already: busy
-    lifecycle.end_call(first.call_id, lifecycle.EndReason.HANGUP, lifecycle.Actor("chan-a", "alice"), party=True)
+    call_store.touch_users({"alice": "u-a", "bob": "u-b", "carol": "u-c"})
+    first = call_store.start_call(call_store.Actor("chan-a", "alice"), "bob", 45)
+    call_store.start_call(call_store.Actor("chan-c", "carol"), "bob", 45)  # bob is being called already: busy
+    call_store.end_call(first.call_id, call_store.EndReason.HANGUP, call_store.Actor("chan-a", "alice"), party=True)
 
     assert sample("signaling_calls", status="cancelled") == 1
     assert sample("signaling_calls", status="busy") == 1
@@ -340,7 +342,7 @@ def test_the_blueprint_starts_bin_serve_and_checks_healthz(blueprint):
     assert web["healthCheckPath"] == "/healthz"
     assert web["preDeployCommand"] == "python manage.py migrate --noinput"
     assert "collectstatic --noinput" in web["buildCommand"]
-    assert "pip install -r requirements.txt" in web["buildCommand"]
+    assert "pip install --require-hashes -r requirements.lock" in web["buildCommand"]
 
 
 def test_the_blueprint_wires_its_database_and_key_value_instance(blueprint):
