@@ -1,12 +1,9 @@
 """The WebSocket consumer: one socket, one session; parse a frame, hand it to a collaborator, send the result.
 
-The consumer is thin glue. Its collaborators each own one part of a session:
-`CallTable` (calls/realtime/call_table.py) its calls, `Resumption`
-(calls/realtime/resume.py) its life beyond the socket. What it needs from the
-process (the session registry, presence store, call service...) comes as
-`Services` (calls/realtime/sessions.py), handed in by the routing
-(calls/process/routing.py). Layer event types are always set by the server,
-never taken from a client.
+Its collaborators each own one part of a session: `CallTable` its calls,
+`Resumption` its life beyond the socket. What it needs from the process comes
+as `Services` (calls/realtime/sessions.py), handed in by calls/process/routing.py.
+Layer event types are always set by the server, never taken from a client.
 
 It is a channels consumer (`AsyncWebsocketConsumer`) with its own loop in
 `__call__`: channels' loop (`await_many_dispatch`) waits on the socket and the
@@ -29,7 +26,6 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from calls.callflow.live import LiveCall
 from calls.callflow.store import Actor
 from calls.observability import metrics
 from calls.presence.base import SessionInfo
@@ -70,14 +66,6 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.draining = False
         self.table = CallTable(self)
         self.resumption = Resumption(self)
-
-    @property
-    def calls(self) -> dict[str, LiveCall]:
-        return self.table.calls
-
-    @calls.setter
-    def calls(self, calls: dict[str, LiveCall]) -> None:
-        self.table.calls = calls
 
     async def __call__(self, scope, receive, send) -> None:
         """Run the consumer: one inbox, fed by the socket and by the channel layer, read in order."""
@@ -292,9 +280,6 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         """This session as the actor of a call change."""
         return Actor(self.channel_name, self.session.username if self.session else "", self.device_id)
 
-    async def send_to_peers(self, event_for: Callable[[LiveCall], dict[str, Any]]) -> None:
-        await self.table.send_to_peers(event_for)
-
     # --- Events for this consumer from this process ---------------------
 
     def enqueue(self, event: dict[str, Any]) -> bool:
@@ -353,7 +338,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if self.session is not None:
             self.services.sessions.socket_lost(self.channel_name)
             if event["carry"] and self.resumption.enabled:
-                await self.send_to_peers(
+                await self.table.send_to_peers(
                     lambda call: events.call_peer_reconnecting(call.call_id, self.session.username)
                 )
                 await self.resumption.park([], 0, settings.SIGNALING_RESUME_GRACE)

@@ -44,6 +44,7 @@ from calls.callflow.live import LiveCall
 from calls.callflow.states import CallStatus, EndReason
 from calls.callflow.store import CallRecord
 from calls.presence.base import SessionInfo
+from calls.realtime.call_table import CallTable
 from calls.realtime.groups import user_group
 from calls.realtime.sessions import Services
 from calls.wire import events, protocol
@@ -90,14 +91,13 @@ class ResumableSocket(Protocol):
     session: SessionInfo | None
     device_id: str
     delta_presence: bool
-    calls: dict[str, LiveCall]
+    table: CallTable
 
     async def send_json(self, content: dict[str, Any]) -> None: ...
     async def send_error(self, code: str, message: str) -> None: ...
     async def send_registered(self, **extra: Any) -> None: ...
     async def dispatch(self, message: dict[str, Any]) -> None: ...
     async def end_session(self, code: int) -> None: ...
-    async def send_to_peers(self, event_for: Any) -> None: ...
     def post(self, event: dict[str, Any]) -> None: ...
     def socket_gone(self) -> None: ...
     def became(self, session: SessionInfo, delta: bool) -> None: ...
@@ -140,7 +140,7 @@ class Resumption:
             username=socket.session.username,
             user_id=socket.session.user_id,
             device_id=socket.device_id,
-            calls=[asdict(call) for call in socket.calls.values()],
+            calls=[asdict(call) for call in socket.table.calls.values()],
             queued=queued,
             dropped=dropped,
             delta=socket.delta_presence,
@@ -155,7 +155,9 @@ class Resumption:
         socket.services.sessions.socket_lost(socket.channel_name)
         self.held = deque()
         self.held_bytes = 0
-        await socket.send_to_peers(lambda call: events.call_peer_reconnecting(call.call_id, socket.session.username))
+        await socket.table.send_to_peers(
+            lambda call: events.call_peer_reconnecting(call.call_id, socket.session.username)
+        )
         loop = asyncio.get_running_loop()
         self.held_until = loop.time() + settings.SIGNALING_RESUME_GRACE
         self.held_timer = loop.call_later(settings.SIGNALING_RESUME_GRACE, socket.post, events.session_expire(code))
@@ -276,7 +278,7 @@ class Resumption:
         records = await services.calls.move_session(old_channel, socket.channel_name, [c.call_id for c in known])
         await services.store.leave(old_channel)
         await socket.channel_layer.group_discard(user_group(session.username), old_channel)
-        socket.calls, missed = reconcile(known, records, old_channel, socket.channel_name)
+        socket.table.calls, missed = reconcile(known, records, old_channel, socket.channel_name)
         self.issue_token()
         logger.info(
             "session resumed",
@@ -284,7 +286,7 @@ class Resumption:
                 "session": socket.channel_name,
                 "user": session.username,
                 "from": old_channel,
-                "calls": len(socket.calls),
+                "calls": len(socket.table.calls),
             },
         )
         await socket.send_registered(
@@ -295,11 +297,11 @@ class Resumption:
                     "peer_username": call.peer_username,
                     "status": "answered" if call.answered else "ringing",
                 }
-                for call in socket.calls.values()
+                for call in socket.table.calls.values()
             ],
         )
         services.sessions.listen(socket)
-        await socket.send_to_peers(
+        await socket.table.send_to_peers(
             lambda call: events.call_peer_moved(call.call_id, session.username, socket.channel_name)
         )
         for notice in missed:  # what happened to its calls while no socket could be told
@@ -325,7 +327,7 @@ class Resumption:
                 "session": socket.channel_name,
                 "user": socket.session.username,
                 "grace_s": round(grace, 1),
-                "calls": len(socket.calls),
+                "calls": len(socket.table.calls),
             },
         )
 
