@@ -8,14 +8,34 @@ Field names are the v1 protocol's; everything added since is optional.
 from __future__ import annotations
 
 import json
-import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from calls.wire.errors import SignalingError
-from calls.wire.text import InvalidUsername, check_values, normalize_username
+from calls.wire.errors import (  # noqa: F401 - the error codes are part of the protocol's names
+    ALREADY_IN_CALL,
+    ALREADY_REGISTERED,
+    CALL_RATE_LIMITED,
+    INTERNAL_ERROR,
+    INVALID_JSON,
+    INVALID_MESSAGE,
+    MESSAGE_TOO_LARGE,
+    NOT_IN_CALL,
+    NOT_REGISTERED,
+    NOT_RINGING,
+    RATE_LIMITED,
+    RESUME_FAILED,
+    RESUME_OVERFLOW,
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_SESSIONS,
+    UNAUTHORIZED,
+    UNKNOWN_TYPE,
+    USER_OFFLINE_CODE,
+    USERNAME_TAKEN,
+    SignalingError,
+)
+from calls.wire.text import InvalidUsername, check_values, field, normalize_username, text_field
 
 # Client -> server message types.
 REGISTER = "register"
@@ -43,27 +63,6 @@ PEER_RECONNECTING = "peer_reconnecting"
 PEER_RECONNECTED = "peer_reconnected"
 PONG = "pong"
 ERROR = "error"
-
-# Error codes.
-INVALID_JSON = "invalid_json"
-INVALID_MESSAGE = "invalid_message"
-UNKNOWN_TYPE = "unknown_type"
-NOT_REGISTERED = "not_registered"
-ALREADY_REGISTERED = "already_registered"
-USER_OFFLINE_CODE = "user_offline"
-NOT_IN_CALL = "not_in_call"
-NOT_RINGING = "not_ringing"
-ALREADY_IN_CALL = "already_in_call"
-USERNAME_TAKEN = "username_taken"
-UNAUTHORIZED = "unauthorized"
-MESSAGE_TOO_LARGE = "message_too_large"
-RATE_LIMITED = "rate_limited"
-TOO_MANY_SESSIONS = "too_many_sessions"
-TOO_MANY_CONNECTIONS = "too_many_connections"
-CALL_RATE_LIMITED = "call_rate_limited"
-RESUME_FAILED = "resume_failed"
-RESUME_OVERFLOW = "resume_overflow"
-INTERNAL_ERROR = "internal_error"
 
 # WebSocket close code that tells a client to reconnect: on a shutdown (to another
 # process), or when its session cannot be listed again after the presence store
@@ -132,34 +131,8 @@ class Ping:
 Message = Register | CallRequest | CallAnswer | CallEnd | Signal | HistoryRequest | Ping
 
 
-def _field(obj: dict[str, Any], name: str, kind: type, required: bool = True) -> Any:
-    value = obj.get(name)
-    if value is None:
-        if required:
-            raise SignalingError(INVALID_MESSAGE, f"'{name}' is required")
-        return None
-    # bool is an int subclass: never accept true/false where a number is meant.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SignalingError(INVALID_MESSAGE, f"'{name}' must be {_KIND_NAMES[kind]}")
-    return value
-
-
-_KIND_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object"}
-
-
-def _text(obj: dict[str, Any], name: str, maximum: int, required: bool = True) -> str | None:
-    value = _field(obj, name, str, required)
-    if value is None:
-        return None
-    if not 1 <= len(value) <= maximum:
-        raise SignalingError(INVALID_MESSAGE, f"'{name}' must be 1 to {maximum} characters")
-    if any(unicodedata.category(ch) == "Cc" for ch in value):
-        raise SignalingError(INVALID_MESSAGE, f"'{name}' must not contain control characters")
-    return value
-
-
 def _username(obj: dict[str, Any], name: str, required: bool = True) -> str | None:
-    value = _field(obj, name, str, required)
+    value = field(obj, name, str, required)
     if value is None:
         return None
     try:
@@ -169,7 +142,7 @@ def _username(obj: dict[str, Any], name: str, required: bool = True) -> str | No
 
 
 def _call_id(obj: dict[str, Any]) -> str | None:
-    value = _field(obj, "call_id", str, required=False)
+    value = field(obj, "call_id", str, required=False)
     if value is None:
         return None
     try:
@@ -198,17 +171,17 @@ def parse_message(text: str) -> Message:
 
 
 def _parse_register(obj: dict[str, Any]) -> Register:
-    presence = _field(obj, "presence", str, required=False) or "full"
+    presence = field(obj, "presence", str, required=False) or "full"
     if presence not in PRESENCE_MODES:
         raise SignalingError(INVALID_MESSAGE, "'presence' must be 'full' or 'delta'")
     return Register(
         username=_username(obj, "username"),
-        user_id=_text(obj, "user_id", USER_ID_MAX),
-        token=_text(obj, "token", TOKEN_MAX, required=False),
-        device_id=_text(obj, "device_id", DEVICE_ID_MAX, required=False),
+        user_id=text_field(obj, "user_id", USER_ID_MAX),
+        token=text_field(obj, "token", TOKEN_MAX, required=False),
+        device_id=text_field(obj, "device_id", DEVICE_ID_MAX, required=False),
         presence=presence,
-        resume=bool(_field(obj, "resume", bool, required=False)),
-        resume_token=_text(obj, "resume_token", TOKEN_MAX, required=False),
+        resume=bool(field(obj, "resume", bool, required=False)),
+        resume_token=text_field(obj, "resume_token", TOKEN_MAX, required=False),
     )
 
 
@@ -232,13 +205,13 @@ def _parse_signal(obj: dict[str, Any]) -> Signal:
     return Signal(
         type=obj["type"],
         target_username=_username(obj, "target_username"),
-        data=_field(obj, "data", dict),
+        data=field(obj, "data", dict),
         call_id=_call_id(obj),
     )
 
 
 def _parse_history(obj: dict[str, Any]) -> HistoryRequest:
-    limit = _field(obj, "limit", int, required=False)
+    limit = field(obj, "limit", int, required=False)
     if limit is None:
         limit = HISTORY_DEFAULT_LIMIT
     if not 1 <= limit <= HISTORY_MAX_LIMIT:

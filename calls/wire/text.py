@@ -12,7 +12,7 @@ import math
 import unicodedata
 from typing import Any
 
-from calls.wire.errors import SignalingError
+from calls.wire.errors import INVALID_MESSAGE, SignalingError
 
 USERNAME_MAX = 64
 # How deep a frame may nest (the message object is level 1, `data` level 2): an
@@ -21,7 +21,6 @@ USERNAME_MAX = 64
 MAX_DEPTH = 16
 # Values (objects, arrays, strings, numbers) one frame may hold, whatever its size.
 MAX_NODES = 10_000
-INVALID_MESSAGE = "invalid_message"
 
 
 # Characters no username may hold: control (Cc), format (Cf: bidi overrides, zero-width
@@ -95,3 +94,31 @@ def _check_text(value: str, path: str) -> None:
     except UnicodeEncodeError:
         shown = path.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:80]
         raise SignalingError(INVALID_MESSAGE, f"'{shown}' must be valid Unicode text (no lone surrogates)") from None
+
+
+def field(obj: dict[str, Any], name: str, kind: type, required: bool = True) -> Any:
+    """Return `obj[name]` if it is a `kind` (None when absent and not required); refuse it naming the field."""
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise SignalingError(INVALID_MESSAGE, f"'{name}' is required")
+        return None
+    # bool is an int subclass: never accept true/false where a number is meant.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SignalingError(INVALID_MESSAGE, f"'{name}' must be {KIND_NAMES[kind]}")
+    return value
+
+
+KIND_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object"}
+
+
+def text_field(obj: dict[str, Any], name: str, maximum: int, required: bool = True) -> str | None:
+    """Return a string field of 1 to `maximum` characters without control characters."""
+    value = field(obj, name, str, required)
+    if value is None:
+        return None
+    if not 1 <= len(value) <= maximum:
+        raise SignalingError(INVALID_MESSAGE, f"'{name}' must be 1 to {maximum} characters")
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise SignalingError(INVALID_MESSAGE, f"'{name}' must not contain control characters")
+    return value
