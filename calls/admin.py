@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest
 
-from calls.models import Call, CallEvent, SignalingUser
+from calls.models import Call, CallEvent, PushSubscription, SignalingUser
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -53,3 +53,39 @@ class CallAdmin(ReadOnlyAdmin):
             return "-"
         seconds = int(duration.total_seconds())
         return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+@admin.register(PushSubscription)
+class PushSubscriptionAdmin(admin.ModelAdmin):
+    """Where each user's devices are woken; staff may revoke (delete) a subscription, nothing else."""
+
+    list_display = [
+        "user",
+        "platform",
+        "device_id",
+        "voip",
+        "created_at",
+        "last_success_at",
+        "last_failure_at",
+        "last_failure",
+    ]
+    list_filter = ["platform", "voip"]
+    search_fields = ["user__username", "device_id"]
+    list_select_related = ["user"]
+    readonly_fields = [
+        "user",
+        "platform",
+        "device_id",
+        "voip",
+        "created_at",
+        "last_success_at",
+        "last_failure_at",
+        "last_failure",
+    ]
+    exclude = ["address", "address_hash", "p256dh", "auth"]
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False

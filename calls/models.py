@@ -54,6 +54,9 @@ class Call(models.Model):
     # The `device_id`s the caller's session and the answering session registered with.
     caller_device = models.CharField(max_length=128, blank=True)
     callee_device = models.CharField(max_length=128, blank=True)
+    # The callee had no live socket: its devices were woken by push, and get a second
+    # push when the ringing ends.
+    pushed = models.BooleanField(default=False)
 
     objects = CallQuerySet.as_manager()
 
@@ -91,3 +94,37 @@ class CallEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.old_status or '-'} -> {self.new_status}"
+
+
+class PushSubscription(models.Model):
+    """Where to wake a user's device when a call rings and it has no socket open."""
+
+    class Platform(models.TextChoices):
+        WEBPUSH = "webpush", "Web Push"
+        FCM = "fcm", "Firebase Cloud Messaging"
+        APNS = "apns", "Apple Push Notification service"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(SignalingUser, models.CASCADE, related_name="push_subscriptions")
+    platform = models.CharField(max_length=8, choices=Platform.choices)
+    # The Web Push endpoint, or the FCM or APNs token; subscribing it again replaces the
+    # row. Unique by its SHA-256: an index entry of a long endpoint could pass PostgreSQL's limit.
+    address = models.TextField()
+    address_hash = models.CharField(max_length=64, editable=False)
+    p256dh = models.CharField(max_length=200, blank=True)
+    auth = models.CharField(max_length=100, blank=True)
+    voip = models.BooleanField(default=False, help_text="An APNs PushKit VoIP token (CallKit)")
+    device_id = models.CharField(max_length=128, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    last_failure = models.CharField(max_length=200, blank=True, help_text="Why the last push failed")
+
+    class Meta:
+        ordering = ["user", "-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["platform", "address_hash"], name="one_subscription_per_address")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.platform} {self.device_id or str(self.id)[:8]}"

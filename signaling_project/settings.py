@@ -255,6 +255,32 @@ SIGNALING_HISTORY_DAYS = env_int("SIGNALING_HISTORY_DAYS", 90, minimum=0)
 # Password checks (POST /api/token, /api/users, admin login) running at once; more
 # are refused with 503 at once instead of queueing behind each other.
 SIGNALING_LOGIN_CONCURRENCY = env_int("SIGNALING_LOGIN_CONCURRENCY", 2, minimum=1)
+
+# Push notifications for callees without a socket (calls/push/). Each platform is off
+# until configured. Web Push: a VAPID key pair (`python manage.py vapid_keys`).
+SIGNALING_VAPID_PRIVATE_KEY = env_str("SIGNALING_VAPID_PRIVATE_KEY").replace("\\n", "\n")
+SIGNALING_VAPID_SUBJECT = env_str("SIGNALING_VAPID_SUBJECT")
+if SIGNALING_VAPID_PRIVATE_KEY and not SIGNALING_VAPID_SUBJECT.startswith(("mailto:", "https://")):
+    raise ImproperlyConfigured("SIGNALING_VAPID_SUBJECT must be a mailto: or https: URL when Web Push is configured")
+# FCM: a service account's JSON key (the JSON itself, or a path to the file).
+SIGNALING_FCM_CREDENTIALS = env_str("SIGNALING_FCM_CREDENTIALS")
+SIGNALING_FCM_BASE_URL = env_str("SIGNALING_FCM_BASE_URL", "https://fcm.googleapis.com")
+# APNs: a token-based key (.p8), its key id, the team id and the app's bundle id.
+SIGNALING_APNS_KEY_FILE = env_str("SIGNALING_APNS_KEY_FILE")
+SIGNALING_APNS_KEY_ID = env_str("SIGNALING_APNS_KEY_ID")
+SIGNALING_APNS_TEAM_ID = env_str("SIGNALING_APNS_TEAM_ID")
+SIGNALING_APNS_TOPIC = env_str("SIGNALING_APNS_TOPIC")
+SIGNALING_APNS_USE_SANDBOX = env_bool("SIGNALING_APNS_USE_SANDBOX", False)
+# Overrides the production or sandbox host (tests: a stand-in on loopback), and a CA
+# bundle to trust for it (tests: a test CA).
+SIGNALING_APNS_BASE_URL = env_str("SIGNALING_APNS_BASE_URL")
+SIGNALING_APNS_CA_FILE = env_str("SIGNALING_APNS_CA_FILE")
+if SIGNALING_APNS_KEY_FILE and not (SIGNALING_APNS_KEY_ID and SIGNALING_APNS_TEAM_ID and SIGNALING_APNS_TOPIC):
+    raise ImproperlyConfigured("SIGNALING_APNS_KEY_FILE needs SIGNALING_APNS_KEY_ID, _TEAM_ID and _TOPIC")
+SIGNALING_PUSH_MAX_SUBSCRIPTIONS = env_int("SIGNALING_PUSH_MAX_SUBSCRIPTIONS", 10, minimum=1)
+# Web Push endpoints must be https on a public address (no pushes into the server's own
+# network); true allows http and private addresses: tests and private deployments.
+SIGNALING_PUSH_ALLOW_PRIVATE_ENDPOINTS = env_bool("SIGNALING_PUSH_ALLOW_PRIVATE_ENDPOINTS", False)
 SIGNALING_ICE_SERVERS = env_json_list("SIGNALING_ICE_SERVERS")
 SIGNALING_TURN_URLS = env_list("SIGNALING_TURN_URLS", [])
 SIGNALING_TURN_SECRET = env_str("SIGNALING_TURN_SECRET")

@@ -45,24 +45,43 @@ class Courier(Protocol):
         """Send an event to every session of a user."""
 
 
+class Pusher(Protocol):
+    """How the call service wakes a callee with no socket open (calls/push/sender.py)."""
+
+    async def has_subscriptions(self, username: str) -> bool:
+        """Whether a push can wake one of the user's devices."""
+
+    def ring(self, record: CallRecord) -> None:
+        """Push `incoming_call` to the callee's devices (in the background)."""
+
+    def ring_ended(self, record: CallRecord, reason: str) -> None:
+        """Push `call_ended` to the callee's devices: the pushed call stopped ringing."""
+
+
 class CallService:
     """Start, answer, refuse and end calls, and tell the parties; one per process."""
 
-    def __init__(self, courier: Courier, track: Callable[[asyncio.Task], None]) -> None:
+    def __init__(self, courier: Courier, pusher: Pusher, track: Callable[[asyncio.Task], None]) -> None:
         self.courier = courier
+        self.pusher = pusher
         self.track = track
         self.limits = CallLimits()
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
     # --- What sessions ask ------------------------------------------------
 
-    async def start(self, caller: Actor, caller_id: str, callee_username: str) -> CallRecord:
-        """Create a call and ring every session of the callee; a busy callee comes back as an ended record."""
+    async def start(self, caller: Actor, caller_id: str, callee_username: str, *, push: bool = False) -> CallRecord:
+        """Create a call and ring every session of the callee; a busy callee comes back as an ended record.
+
+        With `push`, the callee has no socket open: its devices are woken by push too.
+        """
         record: CallRecord = await database_sync_to_async(call_store.start_call)(
-            caller, callee_username, settings.SIGNALING_RING_TIMEOUT
+            caller, callee_username, settings.SIGNALING_RING_TIMEOUT, push
         )
         if record.end_reason == EndReason.BUSY:
             return record
+        if record.pushed:
+            self.pusher.ring(record)
         self._schedule_ring_timeout(record.call_id)
         incoming = events.call_incoming(record.call_id, caller.username, caller_id, caller.session)
         await self.courier.send_to_user(callee_username, incoming)
@@ -72,6 +91,8 @@ class CallService:
         """Answer a ringing call from one session; tell the caller, and the callee's other sessions."""
         record: CallRecord = await database_sync_to_async(call_store.accept_call)(call_id, callee)
         self.cancel_ring_timeout(call_id)
+        if record.pushed:  # the callee's other devices stop ringing
+            self.pusher.ring_ended(record, "answered_elsewhere")
         await self.courier.send(record.caller_channel, events.call_accepted(call_id, callee.username, callee.session))
         await self.courier.send_to_user(callee.username, events.call_answered_elsewhere(call_id, callee.session))
         return record
@@ -90,6 +111,10 @@ class CallService:
     async def move_session(self, old: str, new: str, call_ids: Iterable[str]) -> dict[str, CallRecord]:
         """Point a resumed session's live calls at its new channel; return their state now."""
         return await database_sync_to_async(call_store.move_session)(old, new, list(call_ids))
+
+    async def ringing_for(self, username: str) -> list[CallRecord]:
+        """The calls ringing for a user now (a device that just registered rings for them too)."""
+        return await database_sync_to_async(call_store.ringing_records_to)(username)
 
     async def history(self, username: str, limit: int, session: str | None, since: datetime | None) -> list[dict]:
         return await database_sync_to_async(call_store.call_history)(username, limit, session, since)
@@ -145,6 +170,8 @@ class CallService:
         the event, so both sides can always be told.
         """
         self.cancel_ring_timeout(record.call_id)
+        if record.pushed and record.status != CallStatus.COMPLETED:  # it ended while ringing
+            self.pusher.ring_ended(record, record.end_reason)
         if record.status == CallStatus.REJECTED:
             caller_event = events.call_rejected(record.call_id, record.callee_username, record.end_reason)
         else:

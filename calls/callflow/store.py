@@ -40,6 +40,9 @@ class CallRecord:
     end_reason: str | None
     caller_channel: str
     callee_channel: str
+    # Its callee's devices were woken by push (no socket was open).
+    pushed: bool = False
+    ring_deadline: datetime | None = None
 
     @classmethod
     def of(cls, call: Call) -> CallRecord:
@@ -52,6 +55,8 @@ class CallRecord:
             end_reason=call.end_reason,
             caller_channel=call.caller_channel,
             callee_channel=call.callee_channel,
+            pushed=call.pushed,
+            ring_deadline=call.ring_deadline,
         )
 
 
@@ -134,7 +139,7 @@ def touch_users(users: dict[str, str]) -> None:
     )
 
 
-def start_call(caller: Actor, callee_username: str, ring_timeout: float) -> CallRecord:
+def start_call(caller: Actor, callee_username: str, ring_timeout: float, pushed: bool = False) -> CallRecord:
     """Create a call: ringing, or busy when either party already has a live call.
 
     Both users' rows are locked in a fixed order, so two calls racing towards the
@@ -165,6 +170,7 @@ def start_call(caller: Actor, callee_username: str, ring_timeout: float) -> Call
             ring_deadline=None if busy else now + timedelta(seconds=ring_timeout),
             caller_channel=caller.session,
             caller_device=caller.device,
+            pushed=pushed and not busy,
         )
         _record_event(call, "", call.end_reason, caller)
         status, reason = call.status, call.end_reason
@@ -228,7 +234,10 @@ def expire_overdue_calls(now: datetime | None = None) -> list[CallRecord]:
 
 
 def end_calls_of_vanished(live_channels: Iterable[str], online_usernames: Iterable[str]) -> list[CallRecord]:
-    """End live calls whose caller session, answering session or ringing callee is gone."""
+    """End live calls whose caller session, answering session or ringing callee is gone.
+
+    A pushed call rings a callee who is offline on purpose: it waits for a woken device.
+    """
     live = set(live_channels)
     online = set(online_usernames)
     doomed = []
@@ -236,7 +245,7 @@ def end_calls_of_vanished(live_channels: Iterable[str], online_usernames: Iterab
         gone = call.caller_channel not in live or (
             call.callee_channel not in live
             if call.status == CallStatus.ANSWERED
-            else call.callee.username not in online
+            else call.callee.username not in online and not call.pushed
         )
         if gone:
             doomed.append(str(call.pk))
@@ -284,12 +293,20 @@ def end_calls_of_lost_sessions(sessions: Iterable[Actor], online: set[str]) -> l
     return ended
 
 
+def ringing_records_to(username: str) -> list[CallRecord]:
+    """The calls ringing for `username` now, oldest first (a device that just registered rings for them)."""
+    calls = (
+        Call.objects.filter(status=CallStatus.RINGING, callee__username=username)
+        .select_related("caller", "callee")
+        .order_by("created_at")
+    )
+    return [CallRecord.of(call) for call in calls]
+
+
 def ringing_calls_to(username: str) -> list[str]:
-    """Return the ids of calls ringing for `username`."""
-    return [
-        str(pk)
-        for pk in Call.objects.filter(status=CallStatus.RINGING, callee__username=username).values_list("pk", flat=True)
-    ]
+    """Return the ids of calls ringing for `username` that need a session of it (not pushed ones)."""
+    ringing = Call.objects.filter(status=CallStatus.RINGING, callee__username=username, pushed=False)
+    return [str(pk) for pk in ringing.values_list("pk", flat=True)]
 
 
 def call_history(username: str, limit: int, session: str | None = None, since: datetime | None = None) -> list[dict]:

@@ -52,6 +52,7 @@ _MESSAGE_TYPE_BY_CLASS: dict[type, str] = {
     protocol.Ping: protocol.PING,
 }
 _ERROR_CODE = re.compile(r"[a-z_]{1,40}")
+PUSH_PLATFORMS = frozenset({"webpush", "fcm", "apns"})
 # Call statuses and end reasons are the server's own words (calls/callflow/states.py).
 _STATE_LABEL = re.compile(r"[a-z_]{1,20}")
 
@@ -70,6 +71,12 @@ MESSAGES_RECEIVED = Counter(
     "signaling_messages_received", "Frames received from clients, by message type.", ["type"], registry=REGISTRY
 )
 ERRORS_SENT = Counter("signaling_errors_sent", "Error messages sent to clients, by code.", ["code"], registry=REGISTRY)
+PUSHES = Counter(
+    "signaling_pushes",
+    "Pushes to callees' devices, by platform and outcome (sent, gone, retry, failed).",
+    ["platform", "outcome"],
+    registry=REGISTRY,
+)
 CALL_TRANSITIONS = Counter(
     "signaling_call_transitions",
     "Calls entering a status, with the end reason (empty while the call is live).",
@@ -116,6 +123,12 @@ def message_type(message: protocol.Message) -> str:
 def message_received(kind: str) -> None:
     """Count one inbound frame: its wire type, or "invalid" for a frame that did not parse."""
     MESSAGES_RECEIVED.labels(kind if kind in INBOUND_TYPES or kind == INVALID else OTHER).inc()
+
+
+def push_sent(platform: str, outcome: str) -> None:
+    PUSHES.labels(
+        platform if platform in PUSH_PLATFORMS else OTHER, outcome if _STATE_LABEL.fullmatch(outcome) else OTHER
+    ).inc()
 
 
 def error_sent(code: str) -> None:

@@ -18,11 +18,16 @@ from calls.wire.errors import SignalingError
 
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
-    """One registered socket: its channel name and whose it is."""
+    """One registered session: its channel name and whose it is.
+
+    `held`: its socket is gone and it waits for a resume (or was parked by a
+    process shutting down): listed, but no device is there to ring now.
+    """
 
     channel: str
     username: str
     user_id: str
+    held: bool = False
 
 
 class JoinRefused(SignalingError):
@@ -89,6 +94,9 @@ class PresenceStore(Protocol):
 
     async def claim_parked(self, channel: str, nonce: str) -> dict | None:
         """Take a parked session's state, once, if `nonce` is its resume nonce."""
+
+    async def set_held(self, channel: str, held: bool) -> None:
+        """Mark a session as held (its socket gone, waiting for a resume), or as live again."""
 
     async def clear(self) -> None:
         """Forget every session (tests)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from calls.presence.base import JoinRefused, SessionInfo
 from calls.wire import protocol, text
@@ -25,6 +25,7 @@ class MemoryPresenceStore:
         self._leases: dict[str, _Lease] = {}
         self._by_user: dict[str, dict[str, SessionInfo]] = {}
         self._parked: dict[str, tuple[float, dict]] = {}
+        self._held: set[str] = set()
 
     async def join(self, session: SessionInfo, max_sessions: int, ttl: float, displace: Collection[str] = ()) -> bool:
         key = text.username_key(session.username)
@@ -41,6 +42,7 @@ class MemoryPresenceStore:
         return not held
 
     async def leave(self, channel: str) -> tuple[SessionInfo | None, bool]:
+        self._held.discard(channel)
         lease = self._leases.pop(channel, None)
         if lease is None:
             return None, False
@@ -87,7 +89,14 @@ class MemoryPresenceStore:
         ]
 
     async def sessions_of(self, username: str) -> list[SessionInfo]:
-        return list(self._by_user.get(text.username_key(username), {}).values())
+        sessions = self._by_user.get(text.username_key(username), {}).values()
+        return [replace(session, held=session.channel in self._held) for session in sessions]
+
+    async def set_held(self, channel: str, held: bool) -> None:
+        if held and channel in self._leases:
+            self._held.add(channel)
+        else:
+            self._held.discard(channel)
 
     async def live_channels(self) -> set[str]:
         return set(self._leases)
@@ -100,6 +109,7 @@ class MemoryPresenceStore:
         expires = time.monotonic() + ttl
         self._parked = {c: held for c, held in self._parked.items() if held[0] > time.monotonic()}
         self._parked[channel] = (expires, state)
+        await self.set_held(channel, True)
         lease = self._leases.get(channel)
         if lease is not None:
             lease.expires = expires
@@ -115,6 +125,7 @@ class MemoryPresenceStore:
         self._leases.clear()
         self._by_user.clear()
         self._parked.clear()
+        self._held.clear()
 
     async def close(self) -> None:
         pass

@@ -10,6 +10,7 @@ Keys (all under `signaling:presence:`):
 width have one owner.
     epoch           a random id, written when the data set is new (see `epoch`)
     parked:<channel> JSON state of a session parked by a process shutting down
+    held            set of channels whose socket is gone (held for a resume, or parked)
 
 Every change is one Lua script, so a join is atomic across processes: two
 processes cannot both hand one username to different user_ids, nor let a user
@@ -25,6 +26,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import replace
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -46,6 +48,7 @@ ONLINE = PREFIX + "online"
 EPOCH = PREFIX + "epoch"
 USER_PREFIX = PREFIX + "user:"
 PARKED_PREFIX = PREFIX + "parked:"
+HELD = PREFIX + "held"
 # Channels per renewal script; the batches of one renewal go in one pipeline.
 RENEW_BATCH = 500
 EXPIRE_BATCH = 1000
@@ -60,6 +63,7 @@ _DROP = """
 local function drop(channel, user_prefix)
     local info = redis.call('HGET', KEYS[2], channel)
     redis.call('ZREM', KEYS[1], channel)
+    redis.call('SREM', KEYS[4], channel)
     if not info then
         return nil, 0
     end
@@ -76,7 +80,7 @@ local function drop(channel, user_prefix)
 end
 """
 
-# KEYS: leases, sessions, online, user:<key>.
+# KEYS: leases, sessions, online, user:<key>, held.
 # ARGV: channel, key, user_id, max, ttl_ms, info, online entry, displaced channel...
 # Returns {1} (user came online), {0} (joined), or {-1 (username taken) or -2 (too many
 # sessions), then channel, info of each session that holds the name against it}.
@@ -122,6 +126,7 @@ if #others / 2 >= tonumber(ARGV[4]) then
     return others
 end
 redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('SREM', KEYS[5], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[1])
 -- The first session's written name stays the user's name while any session is online.
@@ -133,7 +138,7 @@ return {0}
 """
 )
 
-# KEYS: leases, sessions, online. ARGV: channel, user prefix. Returns nil or {info, gone}.
+# KEYS: leases, sessions, online, held. ARGV: channel, user prefix. Returns nil or {info, gone}.
 LEAVE = (
     _DROP
     + """
@@ -162,7 +167,7 @@ return missing
 """
 )
 
-# KEYS: leases, sessions, online. ARGV: user prefix, limit. Returns {channel, info, ...}.
+# KEYS: leases, sessions, online, held. ARGV: user prefix, limit. Returns {channel, info, ...}.
 EXPIRE = (
     _NOW_MS
     + _DROP
@@ -180,7 +185,7 @@ return out
 """
 )
 
-# KEYS: leases, user:<key>, sessions. Returns {channel, info, ...} of the user's sessions
+# KEYS: leases, user:<key>, sessions, held. Returns {channel, info, held, ...} of the user's sessions
 # whose lease has not run out.
 SESSIONS_OF = (
     _NOW_MS
@@ -192,18 +197,22 @@ for _, channel in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     if expires and tonumber(expires) > now and info then
         table.insert(live, channel)
         table.insert(live, info)
+        table.insert(live, redis.call('SISMEMBER', KEYS[4], channel))
     end
 end
 return live
 """
 )
 
-# KEYS: leases, parked:<channel>. ARGV: channel, ttl_ms, state.
+# KEYS: leases, parked:<channel>, held. ARGV: channel, ttl_ms, state.
 PARK = (
     _NOW_MS
     + """
 redis.call('SET', KEYS[2], ARGV[3], 'PX', tonumber(ARGV[2]))
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+    redis.call('SADD', KEYS[3], ARGV[1])
+end
 return 1
 """
 )
@@ -216,6 +225,16 @@ if not state or cjson.decode(state)['nonce'] ~= ARGV[1] then
 end
 redis.call('DEL', KEYS[1])
 return state
+"""
+
+# KEYS: sessions, held. ARGV: channel, 1 (held) or 0. Only a listed session can be held.
+SET_HELD = """
+if ARGV[2] == '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+    redis.call('SADD', KEYS[2], ARGV[1])
+else
+    redis.call('SREM', KEYS[2], ARGV[1])
+end
+return 1
 """
 
 # KEYS: epoch. ARGV: a new id. Returns the current id, writing ARGV[1] if there was none.
@@ -268,13 +287,14 @@ class RedisPresenceStore:
         self._epoch = self.redis.register_script(EPOCH_SCRIPT)
         self._park = self.redis.register_script(PARK)
         self._claim = self.redis.register_script(CLAIM)
+        self._set_held = self.redis.register_script(SET_HELD)
 
     @staticmethod
     def _join_args(
         session: SessionInfo, max_sessions: int, ttl: float, displace: Collection[str] = ()
     ) -> tuple[list[str], list[Any]]:
         key = text.username_key(session.username)
-        keys = [LEASES, SESSIONS, ONLINE, USER_PREFIX + key]
+        keys = [LEASES, SESSIONS, ONLINE, USER_PREFIX + key, HELD]
         info = json.dumps([session.username, session.user_id, key])
         online = json.dumps([session.username, session.user_id])
         return keys, [session.channel, key, session.user_id, max_sessions, _ms(ttl), info, online, *displace]
@@ -312,7 +332,7 @@ class RedisPresenceStore:
 
     @_unavailable_on_connection_errors
     async def leave(self, channel: str) -> tuple[SessionInfo | None, bool]:
-        result = await self._leave(keys=[LEASES, SESSIONS, ONLINE], args=[channel, USER_PREFIX])
+        result = await self._leave(keys=[LEASES, SESSIONS, ONLINE, HELD], args=[channel, USER_PREFIX])
         if result is None:
             return None, False
         info, gone = result
@@ -331,7 +351,7 @@ class RedisPresenceStore:
     async def expire(self) -> list[SessionInfo]:
         gone: list[SessionInfo] = []
         while True:
-            result = await self._expire(keys=[LEASES, SESSIONS, ONLINE], args=[USER_PREFIX, EXPIRE_BATCH])
+            result = await self._expire(keys=[LEASES, SESSIONS, ONLINE, HELD], args=[USER_PREFIX, EXPIRE_BATCH])
             gone += [_session(channel, info) for channel, info in zip(result[::2], result[1::2], strict=True)]
             if len(result) < 2 * EXPIRE_BATCH:
                 return gone
@@ -343,9 +363,10 @@ class RedisPresenceStore:
 
     @_unavailable_on_connection_errors
     async def sessions_of(self, username: str) -> list[SessionInfo]:
-        keys = [LEASES, USER_PREFIX + text.username_key(username), SESSIONS]
+        keys = [LEASES, USER_PREFIX + text.username_key(username), SESSIONS, HELD]
         result = await self._sessions_of(keys=keys)
-        return [_session(channel, info) for channel, info in zip(result[::2], result[1::2], strict=True)]
+        triples = zip(result[::3], result[1::3], result[2::3], strict=True)
+        return [replace(_session(channel, info), held=bool(int(held))) for channel, info, held in triples]
 
     @_unavailable_on_connection_errors
     async def live_channels(self) -> set[str]:
@@ -357,7 +378,11 @@ class RedisPresenceStore:
 
     @_unavailable_on_connection_errors
     async def park(self, channel: str, state: dict, ttl: float) -> None:
-        await self._park(keys=[LEASES, PARKED_PREFIX + channel], args=[channel, _ms(ttl), json.dumps(state)])
+        await self._park(keys=[LEASES, PARKED_PREFIX + channel, HELD], args=[channel, _ms(ttl), json.dumps(state)])
+
+    @_unavailable_on_connection_errors
+    async def set_held(self, channel: str, held: bool) -> None:
+        await self._set_held(keys=[SESSIONS, HELD], args=[channel, int(held)])
 
     @_unavailable_on_connection_errors
     async def claim_parked(self, channel: str, nonce: str) -> dict | None:

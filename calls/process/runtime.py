@@ -37,6 +37,7 @@ from calls.presence.hub import PresenceHub
 from calls.presence.memory import MemoryPresenceStore
 from calls.process.leases import STORE_WATCH_INTERVAL, LeaseKeeper
 from calls.process.reaper import Reaper
+from calls.push.sender import PushSender, providers_from_settings
 from calls.realtime.groups import PRESENCE_GROUP
 from calls.realtime.limits import ConnectionLimits
 from calls.realtime.sessions import SessionRegistry
@@ -67,7 +68,8 @@ class Runtime:
         self.store = make_store()
         self.hub = PresenceHub(self.store, settings.SIGNALING_PRESENCE_WINDOW_MS / 1000)
         self.sessions = SessionRegistry(self.layer, self.hub)
-        self.calls = CallService(self.sessions, self.track)
+        self.push = PushSender(providers_from_settings(), self.track)
+        self.calls = CallService(self.sessions, self.push, self.track)
         self.users = UserRows()
         self.limits = ConnectionLimits()
         ttl = settings.SIGNALING_PRESENCE_TTL
@@ -147,6 +149,8 @@ class Runtime:
         self.calls.stop()
         with contextlib.suppress(Exception):
             await self.store.close()
+        with contextlib.suppress(Exception):
+            await self.push.close()
         self._tasks, self._started, self._announce_task = [], False, None
 
     def track(self, task: asyncio.Task) -> None:

@@ -85,15 +85,18 @@ class CallTable:
         if refusal is not None:
             raise SignalingError(protocol.CALL_RATE_LIMITED, refusal)
         sessions = await services.store.sessions_of(target)
-        if not sessions:
+        if sessions:
+            target = sessions[0].username  # as its owner writes it
+        # No socket to ring (none, or only sessions held for a resume): wake a device by push.
+        push = all(session.held for session in sessions) and await services.push.has_subscriptions(target)
+        if not sessions and not push:
             raise SignalingError(protocol.USER_OFFLINE_CODE, f"{target} is not online")
-        target = sessions[0].username  # as its owner writes it
-        record = await services.calls.start(party.actor(), party.session.user_id, target)
+        record = await services.calls.start(party.actor(), party.session.user_id, target, push=push)
         if record.end_reason == EndReason.BUSY:
             await party.send_json(protocol.call_rejected(target, record.call_id, EndReason.BUSY))
             return
         self.calls[record.call_id] = LiveCall(record.call_id, target, is_caller=True)
-        await party.send_json(protocol.call_ringing(record.call_id, target))
+        await party.send_json(protocol.call_ringing(record.call_id, target, pushed=record.pushed))
 
     async def accept(self, message: protocol.CallAnswer) -> None:
         call = self.find(message.call_id, message.caller_username, ringing_for_me=True)
@@ -139,6 +142,16 @@ class CallTable:
             session, since = party.channel_name, party.registered_at
         calls = await party.services.calls.history(party.session.username, message.limit, session, since)
         await party.send_json(protocol.call_history(calls))
+
+    async def ring_waiting(self) -> None:
+        """A session just registered: ring it for the calls already ringing for its user (a device woken by push)."""
+        for record in await self.party.services.calls.ringing_for(self.party.session.username):
+            if record.call_id not in self.calls:
+                await self.call_incoming(
+                    events.call_incoming(
+                        record.call_id, record.caller_username, record.caller_id, record.caller_channel
+                    )
+                )
 
     # --- What the session hears (channel-layer events) ------------------
 

@@ -29,6 +29,7 @@ from django.utils import timezone
 from calls.callflow.store import Actor
 from calls.observability import metrics
 from calls.presence.base import SessionInfo
+from calls.realtime import push_subscriptions
 from calls.realtime.call_table import CallTable
 from calls.realtime.groups import user_group
 from calls.realtime.ice import ice_servers_for
@@ -36,7 +37,7 @@ from calls.realtime.identity import join_presence
 from calls.realtime.resume import CLEAN_CLOSE_CODES, Resumption
 from calls.realtime.security import TokenInvalid, new_bucket, scope_client_address, token_identity
 from calls.realtime.sessions import PROBE_TIMEOUT, Services
-from calls.wire import events, protocol
+from calls.wire import events, protocol, push
 from calls.wire.errors import SignalingError
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,10 @@ class SignalingConsumer(AsyncWebsocketConsumer):
                 await table.send_history(message)
             case protocol.Ping():
                 await self.send_json(protocol.pong())
+            case push.PushSubscribe():
+                await push_subscriptions.subscribe(self, message)
+            case push.PushUnsubscribe():
+                await push_subscriptions.unsubscribe(self, message)
 
     # --- Registration ---------------------------------------------------
 
@@ -249,6 +254,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             self.resumption.issue_token()
         await self.send_registered()
         self.services.sessions.listen(self)
+        await self.table.ring_waiting()
         if came_online:
             await self.services.presence_changed()
 
@@ -272,6 +278,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         }
         if self.device_id:
             reply["device_id"] = self.device_id
+        if self.services.push.vapid_public_key:
+            reply["vapid_public_key"] = self.services.push.vapid_public_key
         if self.resumption.token is not None:
             reply["resume_token"] = self.resumption.token
         await self.send_json({**reply, **extra})

@@ -153,6 +153,8 @@ class Resumption:
         socket = self.socket
         socket.socket_gone()
         socket.services.sessions.socket_lost(socket.channel_name)
+        # Calls to its user now wake its devices by push, as if it had no session.
+        await socket.services.store.set_held(socket.channel_name, True)
         self.held = deque()
         self.held_bytes = 0
         await socket.table.send_to_peers(

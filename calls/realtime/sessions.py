@@ -23,6 +23,7 @@ from calls.callflow.users import UserRows
 from calls.observability import metrics
 from calls.presence.base import PresenceStore, SessionInfo
 from calls.presence.hub import PresenceHub
+from calls.push.sender import PushSender
 from calls.realtime.groups import user_group
 from calls.realtime.limits import ConnectionLimits
 from calls.wire import events
@@ -66,6 +67,7 @@ class Services(Protocol):
     sessions: SessionRegistry
     store: PresenceStore
     calls: CallService
+    push: PushSender
     users: UserRows
     limits: ConnectionLimits
     lease_seconds: float

@@ -1,6 +1,6 @@
-"""The shape of calls/: layers whose dependencies point one way, modules that import alone.
+"""Covers the layout of calls/ itself: layers whose dependencies point one way, modules that import alone.
 
-Covers the package layout itself (docs/architecture.md). Every import counts,
+The layers are those of docs/architecture.md. Every import counts,
 `TYPE_CHECKING` and function-level ones included: a lower layer that needs a
 higher one gets it handed in (an interface, a callback), never imported.
 """
@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("calls.wire",),
     ("calls.observability",),
     ("calls.callflow", "calls.models", "calls.migrations"),
+    ("calls.push",),
     ("calls.presence",),
     ("calls.realtime",),
     ("calls.process",),

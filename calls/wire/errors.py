@@ -22,6 +22,9 @@ CALL_RATE_LIMITED = "call_rate_limited"
 RESUME_FAILED = "resume_failed"
 RESUME_OVERFLOW = "resume_overflow"
 INTERNAL_ERROR = "internal_error"
+PUSH_UNAVAILABLE = "push_unavailable"
+TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+UNKNOWN_SUBSCRIPTION = "unknown_subscription"
 
 
 class SignalingError(Exception):

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+from calls.wire import push
 from calls.wire.errors import (  # noqa: F401 - the error codes are part of the protocol's names
     ALREADY_IN_CALL,
     ALREADY_REGISTERED,
@@ -24,12 +25,15 @@ from calls.wire.errors import (  # noqa: F401 - the error codes are part of the 
     NOT_IN_CALL,
     NOT_REGISTERED,
     NOT_RINGING,
+    PUSH_UNAVAILABLE,
     RATE_LIMITED,
     RESUME_FAILED,
     RESUME_OVERFLOW,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_SESSIONS,
+    TOO_MANY_SUBSCRIPTIONS,
     UNAUTHORIZED,
+    UNKNOWN_SUBSCRIPTION,
     UNKNOWN_TYPE,
     USER_OFFLINE_CODE,
     USERNAME_TAKEN,
@@ -128,7 +132,17 @@ class Ping:
     pass
 
 
-Message = Register | CallRequest | CallAnswer | CallEnd | Signal | HistoryRequest | Ping
+Message = (
+    Register
+    | CallRequest
+    | CallAnswer
+    | CallEnd
+    | Signal
+    | HistoryRequest
+    | Ping
+    | push.PushSubscribe
+    | push.PushUnsubscribe
+)
 
 
 def _username(obj: dict[str, Any], name: str, required: bool = True) -> str | None:
@@ -230,6 +244,8 @@ _PARSERS = {
     ICE_CANDIDATE: _parse_signal,
     GET_CALL_HISTORY: _parse_history,
     PING: lambda obj: Ping(),
+    push.PUSH_SUBSCRIBE: push.parse_subscribe,
+    push.PUSH_UNSUBSCRIBE: push.parse_unsubscribe,
 }
 
 
@@ -274,8 +290,12 @@ def incoming_call(caller_username: str, caller_id: str, call_id: str) -> dict[st
     return {"type": INCOMING_CALL, "caller_username": caller_username, "caller_id": caller_id, "call_id": call_id}
 
 
-def call_ringing(call_id: str, target_username: str) -> dict[str, Any]:
-    return {"type": CALL_RINGING, "call_id": call_id, "target_username": target_username}
+def call_ringing(call_id: str, target_username: str, pushed: bool = False) -> dict[str, Any]:
+    """The caller's notice that the call rings; `push` when the callee is being woken by a push."""
+    message = {"type": CALL_RINGING, "call_id": call_id, "target_username": target_username}
+    if pushed:
+        message["push"] = True
+    return message
 
 
 def peer_reconnecting(username: str, call_id: str) -> dict[str, Any]:
