@@ -19,7 +19,7 @@ import websockets
 
 from calls.push.webpush import new_key_pair
 from calls.testing.servers import DaphneServer, daphne_server
-from calls.tests.netclient import TIMEOUT, Peer, http_request, server_rows, token_for
+from calls.tests.netclient import TIMEOUT, Peer, http_request, server_rows, start_cluster, token_for
 from calls.tests.push.push_service import Push, PushService
 
 SECRET = "push-test-secret-" + "x" * 32
@@ -278,3 +278,37 @@ async def test_the_http_api_adds_lists_and_removes_subscriptions(tmp_path, servi
         status, _, answer = http_request(url, fcm, **bearer)
         assert status == 404 and b"push_unavailable" in answer
         assert server_rows(server, "SELECT device_id FROM calls_pushsubscription") == [("c2",)]
+
+
+@pytest.mark.services
+async def test_two_processes_send_one_push_per_subscription_per_event(tmp_path, postgres, service):
+    env = push_env(SIGNALING_RING_TIMEOUT="2", SIGNALING_REAPER_INTERVAL="0.2")
+    env.pop("SIGNALING_PRESENCE_WINDOW_MS")  # the cluster sets its own
+    cluster = start_cluster(tmp_path, postgres, **env)
+    try:
+        bob = await connect(cluster.a, "bob")
+        _, browser = await subscribe(bob, service)
+        await bob.ws.close()
+        alice = await connect(cluster.b, "alice")
+        # A call nobody answers: its ring timer (on alice's process) and both reapers may all try to end it.
+        await alice.send({"type": "call_request", "target_username": "bob"})
+        first = (await alice.expect("call_ringing"))["call_id"]
+        assert (await alice.expect("call_ended"))["reason"] == "timeout"
+        # A second call, cancelled: its pushes come after any duplicate of the first call's.
+        await alice.send({"type": "call_request", "target_username": "bob"})
+        second = (await alice.expect("call_ringing"))["call_id"]
+        await alice.send({"type": "call_ended", "call_id": second})
+        seen = []
+        while (second, "call_ended") not in seen:
+            payload = browser.decrypt((await service.next_push()).body)
+            seen.append((payload["call_id"], payload["type"]))
+        assert seen == [
+            (first, "incoming_call"),
+            (first, "call_ended"),
+            (second, "incoming_call"),
+            (second, "call_ended"),
+        ]
+        assert service.received() == 0
+        await alice.ws.close()
+    finally:
+        cluster.stop()
