@@ -38,8 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from calls.push.delivery import Delivery, Outcome, Result
-from calls.push.webpush import retry_after
+from calls.push.delivery import Delivery, Outcome, Result, retry_after
 from calls.wire.push import APNS, INCOMING_CALL
 
 logger = logging.getLogger(__name__)
@@ -120,16 +119,17 @@ class ApnsProvider:
         url = f"{self.base_url}/3/device/{delivery.target.address}"
         headers = headers_of(delivery, self.topic)
         body = body_of(delivery)
+
+        async def post(token: str) -> httpx.Response:
+            return await self.client.post(url, content=body, headers={**headers, "authorization": f"bearer {token}"})
+
         try:
             token = self.provider_token()
-            response = await self.client.post(url, content=body, headers={**headers, "authorization": f"bearer {token}"})
+            response = await post(token)
             if response.status_code == 403 and reason_of(response) == "ExpiredProviderToken":
                 # Apple's clock says the token is past its hour: one new token, one more try.
                 logger.info("apns provider token expired early", extra={"call": delivery.call_id})
-                token = self.provider_token(refused=token)
-                response = await self.client.post(
-                    url, content=body, headers={**headers, "authorization": f"bearer {token}"}
-                )
+                response = await post(self.provider_token(refused=token))
         except httpx.HTTPError as exc:
             return Result(Outcome.RETRY, type(exc).__name__)
         return result_of(response)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
+
+import httpx
 
 from calls.push.subscriptions import Target
 
@@ -53,3 +56,15 @@ class Provider(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds a push service asked to wait (`Retry-After`: seconds, or an HTTP date), if it said."""
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())

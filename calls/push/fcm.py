@@ -28,8 +28,7 @@ from google.auth.credentials import TokenState
 from google.auth.transport.requests import Request as AuthRequest
 from google.oauth2 import service_account
 
-from calls.push.delivery import Delivery, Outcome, Result
-from calls.push.webpush import retry_after
+from calls.push.delivery import Delivery, Outcome, Result, retry_after
 from calls.wire.push import FCM
 
 logger = logging.getLogger(__name__)
@@ -47,8 +46,8 @@ def load_service_account(value: str) -> dict[str, Any]:
         info = json.loads(value if value.lstrip().startswith("{") else Path(value).read_text())
     except (OSError, ValueError) as exc:
         raise ImproperlyConfigured(f"SIGNALING_FCM_CREDENTIALS is not a service account key: {exc}") from None
-    if not isinstance(info, dict) or not info.get("project_id") or not info.get("token_uri"):
-        raise ImproperlyConfigured("SIGNALING_FCM_CREDENTIALS needs a service account key with project_id and token_uri")
+    if not isinstance(info, dict) or not info.get("project_id"):
+        raise ImproperlyConfigured("SIGNALING_FCM_CREDENTIALS needs a service account key with a project_id")
     return info
 
 
@@ -92,13 +91,16 @@ class FcmProvider:
 
     async def send(self, delivery: Delivery) -> Result:
         message = message_of(delivery)
+
+        async def post(token: str) -> httpx.Response:
+            return await self.client.post(self.url, json=message, headers={"Authorization": f"Bearer {token}"})
+
         try:
             token = await self.access_token.get()
-            response = await self.client.post(self.url, json=message, headers={"Authorization": f"Bearer {token}"})
+            response = await post(token)
             if response.status_code == 401:
                 # The token expired or was revoked before the expiry it came with: a new one, one more try.
-                token = await self.access_token.get(refused=token)
-                response = await self.client.post(self.url, json=message, headers={"Authorization": f"Bearer {token}"})
+                response = await post(await self.access_token.get(refused=token))
         except (httpx.HTTPError, auth_errors.TransportError) as exc:
             return Result(Outcome.RETRY, type(exc).__name__)
         except auth_errors.RefreshError as exc:
@@ -146,16 +148,19 @@ class FcmError:
                 fields += [str(v.get("field", "")) for v in detail.get("fieldViolations") or [] if isinstance(v, dict)]
         return cls(fcm_code or str(error.get("status", "")), fcm_code, tuple(fields))
 
-    def token_is_invalid(self) -> bool:
-        """Whether an INVALID_ARGUMENT is about the registration token rather than the message.
+    def token_is_dead(self, status: int) -> bool:
+        """Whether FCM says the registration token will never work: unregistered, or no token at all.
 
-        FCM answers INVALID_ARGUMENT both for a token that is no registration token and for a
-        bad message (its error codes page): a bad message comes with a BadRequest detail naming
-        the field, a bad token with an FcmError detail alone (or a violation of `message.token`).
+        A 404 counts only in FCM's error format: a wrong SIGNALING_FCM_BASE_URL must not remove
+        every token. FCM answers INVALID_ARGUMENT both for a token that is no registration token
+        and for a bad message (its error codes page): a bad message comes with a BadRequest detail
+        naming the field, a bad token with an FcmError detail alone (or a violation of `message.token`).
         """
-        if "message.token" in self.fields:
+        if self.fcm_code == "UNREGISTERED" or (status == 404 and self.code):
             return True
-        return self.fcm_code == "INVALID_ARGUMENT" and not self.fields
+        if status != 400:
+            return False
+        return "message.token" in self.fields or (self.fcm_code == "INVALID_ARGUMENT" and not self.fields)
 
 
 def result_of(response: httpx.Response) -> Result:
@@ -165,8 +170,7 @@ def result_of(response: httpx.Response) -> Result:
         return Result(Outcome.SENT)
     error = FcmError.of(response)
     reason = error.code or f"HTTP {status}"
-    # A 404 counts only in FCM's error format: a wrong SIGNALING_FCM_BASE_URL must not remove every token.
-    if error.fcm_code == "UNREGISTERED" or (status == 404 and error.code) or (status == 400 and error.token_is_invalid()):
+    if error.token_is_dead(status):
         return Result(Outcome.GONE, reason)
     if status == 429 or status >= 500:
         return Result(Outcome.RETRY, reason, retry_after=retry_after(response))

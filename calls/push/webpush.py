@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from django.conf import settings
 from py_vapid import Vapid02
 
-from calls.push.delivery import Delivery, Outcome, Result
+from calls.push.delivery import Delivery, Outcome, Result, retry_after
 from calls.push.subscriptions import endpoint_allowed
 from calls.wire.push import WEBPUSH
 
@@ -134,8 +134,3 @@ def result_of(response: httpx.Response) -> Result:
     if status == 429 or status >= 500:
         return Result(Outcome.RETRY, reason, retry_after=retry_after(response))
     return Result(Outcome.FAILED, reason)
-
-
-def retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After", "")
-    return float(value) if value.isdigit() else None
