@@ -6,6 +6,7 @@ from calls.http import views
 
 urlpatterns = [
     path("", views.index, name="index"),
+    path("sw.js", views.service_worker, name="service-worker"),
     path("healthz", views.healthz, name="healthz"),
     path("api/ice-servers", views.ice_servers, name="ice-servers"),
 ]

@@ -14,6 +14,9 @@ from calls.realtime.security import TokenInvalid, verify_token
 
 logger = logging.getLogger(__name__)
 
+# Served from the site's root, not /static/: a worker controls only pages under its own path.
+SERVICE_WORKER = settings.BASE_DIR / "static" / "calls" / "sw.js"
+
 
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -45,6 +48,17 @@ def index(request: HttpRequest) -> HttpResponse:
     response = render(request, "calls/index.html")
     response["Content-Security-Policy"] = _page_policy(request)
     response["Permissions-Policy"] = "camera=(self), microphone=(self)"
+    return response
+
+
+@require_GET
+def service_worker(request: HttpRequest) -> HttpResponse:
+    """Serve the page's service worker, which shows the pushes that ring this device."""
+    response = HttpResponse(SERVICE_WORKER.read_bytes(), content_type="application/javascript")
+    response["Service-Worker-Allowed"] = "/"
+    # Browsers check for a new worker on every visit; `no-cache` makes them ask the server.
+    response["Cache-Control"] = "no-cache"
+    response["Content-Security-Policy"] = "default-src 'self'"
     return response
 
 

@@ -125,3 +125,41 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
     with ThreadPoolExecutor(max_workers=4) as pool:
         failures = [(m, err) for m, code, err in pool.map(import_alone, modules) if code != 0]
     assert failures == []
+
+
+# --- The tests mirror the packages ------------------------------------------------------------
+
+TESTS = APP / "tests"
+# Suites that exercise the whole server across modules, and so mirror no one package.
+WHOLE_SERVER = "system"
+
+
+def suite_files() -> list[Path]:
+    return sorted(TESTS.rglob("test_*.py"))
+
+
+def test_every_test_folder_is_a_package_of_the_app_or_the_whole_server():
+    folders = {path.name for path in TESTS.iterdir() if path.is_dir() and path.name != "__pycache__"}
+    packages = {path.name for path in APP.iterdir() if (path / "__init__.py").exists() and path.name != "tests"}
+    assert folders - packages == {WHOLE_SERVER}
+    assert all((TESTS / folder / "__init__.py").exists() for folder in folders)
+
+
+def test_every_test_file_names_what_it_covers_in_its_first_line():
+    unnamed = [
+        str(path.relative_to(ROOT))
+        for path in suite_files()
+        if not (ast.get_docstring(ast.parse(path.read_text())) or "").startswith("Covers ")
+    ]
+    assert unnamed == []
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in calls/tests/wsclient.py, calls/tests/netclient.py and the one conftest."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} {name}"
+        for path in [*suite_files(), *TESTS.glob("*.py")]
+        for name, line in imports_of("calls.tests." + path.stem, path)
+        if any(part.startswith(("test_", "conftest")) for part in name.split(".")[2:])
+    ]
+    assert offenders == []

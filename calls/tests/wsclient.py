@@ -1,13 +1,28 @@
-"""A test client: the real ASGI application through WebsocketCommunicator."""
+"""In-process test clients: the real ASGI application through WebsocketCommunicator.
+
+Its counterpart over real sockets, against daphne processes, is calls/tests/netclient.py. Here:
+
+- `Client`: one socket; `expect` returns the next message of a type and fails on any other
+  (presence and ringing notices aside); `nothing` proves, with a ping as a barrier, that
+  nothing else was sent.
+- `ring`, `answer`, `answered_call`, `end_call`, `complete_call`: a call between clients.
+- `call_row`, `calls_in_db`, `timeline`, `users_in_db`: what the database holds afterwards;
+  `write_call`: a call from the past, written straight to the database.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from typing import Any
 
+from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.utils import timezone
 
+from calls.callflow.states import CallStatus
+from calls.models import Call, CallEvent, SignalingUser
 from signaling_project.asgi import application
 
 PRESENCE_TYPES = {"online_users", "user_online", "user_offline"}
@@ -24,6 +39,8 @@ class Client:
         self.connected = False
         self.closed_code: int | None = None
         self.skipped: list[dict[str, Any]] = []
+        # The name the server registered this socket under (None until it registers through `register`).
+        self.username: str | None = None
 
     async def connect(self) -> bool:
         self.connected, _ = await self.comm.connect(timeout=TIMEOUT)
@@ -77,28 +94,34 @@ class Client:
         except ConnectionClosed as closed:
             return closed.code
 
-    async def nothing(self, timeout: float = 0.3) -> None:
-        """Assert that no message other than presence arrives within `timeout`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (remaining := deadline - loop.time()) > 0:
-            if await self.comm.receive_nothing(remaining):
-                return
-            message = await self.receive()
-            assert message["type"] in SKIPPED_TYPES, f"unexpected {message!r}"
+    async def heard(self) -> list[dict[str, Any]]:
+        """Return what the server sent this socket before it answered a ping, presence and ringing aside.
 
-    async def drain(self, quiet: float = 0.3) -> list[dict[str, Any]]:
-        """Return every non-presence message that arrives until `quiet` seconds pass in silence."""
+        A barrier, where a timed wait would pass whenever the message is merely late:
+        the server handles a socket's events in order, so an event sent to this socket
+        before the ping arrives comes before the pong. Call it once the action under
+        test showed its effect on another client: by then, whatever that action sent
+        this socket is queued ahead of the ping.
+        """
+        await self.send({"type": "ping"})
         heard = []
-        while not await self.comm.receive_nothing(quiet):
-            message = await self.receive()
-            if message["type"] not in SKIPPED_TYPES:
+        while (message := await self.receive())["type"] != "pong":
+            if message["type"] in SKIPPED_TYPES:
+                self.skipped.append(message)
+            else:
                 heard.append(message)
         return heard
 
+    async def nothing(self) -> None:
+        """Assert that the server sent this socket nothing but presence and ringing notices (see `heard`)."""
+        heard = await self.heard()
+        assert heard == [], f"unexpected {heard!r}"
+
     async def register(self, username: str, user_id: str, **extra: Any) -> dict[str, Any]:
         await self.send({"type": "register", "username": username, "user_id": user_id, **extra})
-        return await self.expect("registered")
+        registered = await self.expect("registered")
+        self.username = registered["username"]
+        return registered
 
     async def close(self) -> None:
         if self.connected:
@@ -113,3 +136,103 @@ class ConnectionClosed(Exception):
     def __init__(self, code: int | None) -> None:
         super().__init__(f"closed with code {code}")
         self.code = code
+
+
+# --- A call between clients ---------------------------------------------------------------
+
+
+async def ring(caller: Client, *callees: Client, target: str | None = None) -> str:
+    """Have `caller` call `target` (by default the callees' name); return the call id.
+
+    Returns once every one of the callee's sessions rang and the caller heard ringing.
+    """
+    await caller.send({"type": "call_request", "target_username": target or callees[0].username})
+    ids = {(await callee.expect("incoming_call"))["call_id"] for callee in callees}
+    ringing = await caller.expect("call_ringing")
+    assert ids == {ringing["call_id"]} and ringing["target_username"] == callees[0].username, (ids, ringing)
+    return ringing["call_id"]
+
+
+async def answer(caller: Client, callee: Client, call_id: str) -> None:
+    """`callee` accepts the call; return once `caller` heard it."""
+    await callee.send({"type": "call_accepted", "call_id": call_id})
+    accepted = await caller.expect("call_accepted")
+    assert (accepted["call_id"], accepted["accepter_username"]) == (call_id, callee.username)
+
+
+async def answered_call(caller: Client, callee: Client) -> str:
+    """Ring `callee` from `caller` and answer; return the call id."""
+    call_id = await ring(caller, callee)
+    await answer(caller, callee, call_id)
+    return call_id
+
+
+async def end_call(by: Client, other: Client, call_id: str, reason: str) -> None:
+    """`by` ends the call (a hang-up, or a cancel while it rings); return once `other` heard why."""
+    await by.send({"type": "call_ended", "call_id": call_id})
+    ended = await other.expect("call_ended")
+    assert (ended["call_id"], ended["reason"], ended["from_username"]) == (call_id, reason, by.username)
+
+
+async def complete_call(caller: Client, callee: Client) -> str:
+    """A whole call: ring, answer, an offer and an answer relayed, hang up; return the call id."""
+    call_id = await answered_call(caller, callee)
+    await caller.send({"type": "offer", "target_username": callee.username, "data": {"sdp": "o"}})
+    assert (await callee.expect("offer"))["data"] == {"sdp": "o"}
+    await callee.send({"type": "answer", "target_username": caller.username, "data": {"sdp": "a"}})
+    assert (await caller.expect("answer"))["data"] == {"sdp": "a"}
+    await end_call(caller, callee, call_id, "hangup")
+    return call_id
+
+
+# --- What the database holds ----------------------------------------------------------------
+
+
+@database_sync_to_async
+def call_row(call_id: str) -> Call:
+    return Call.objects.select_related("caller", "callee").get(pk=call_id)
+
+
+@database_sync_to_async
+def calls_in_db() -> list[Call]:
+    """Every call, oldest first."""
+    return list(Call.objects.select_related("caller", "callee").order_by("created_at"))
+
+
+@database_sync_to_async
+def timeline(call_id: str) -> list[tuple[str, str, str | None]]:
+    """Each recorded change of a call: (old status, new status, reason)."""
+    return list(CallEvent.objects.filter(call_id=call_id).values_list("old_status", "new_status", "reason"))
+
+
+@database_sync_to_async
+def users_in_db() -> dict[str, str]:
+    """Every user row: username -> user_id."""
+    return dict(SignalingUser.objects.values_list("username", "user_id"))
+
+
+# Each status a call can end in, or still be in, with the timeline that leads there.
+CALL_TIMELINES: dict[str, list[tuple[str, str, str | None]]] = {
+    CallStatus.COMPLETED: [("", "ringing", None), ("ringing", "answered", None), ("answered", "completed", "hangup")],
+    CallStatus.MISSED: [("", "ringing", None), ("ringing", "missed", "timeout")],
+    CallStatus.BUSY: [("", "busy", "busy")],
+    CallStatus.RINGING: [("", "ringing", None)],
+    CallStatus.ANSWERED: [("", "ringing", None), ("ringing", "answered", None)],
+}
+
+
+@database_sync_to_async
+def write_call(status: str, days_ago: float, caller: str = "alice", callee: str = "bob") -> str:
+    """Write a call in `status` with its events, started `days_ago` days ago; return its id."""
+    now = timezone.now()
+    users = [
+        SignalingUser.objects.get_or_create(username=name, defaults={"user_id": f"u-{name}", "last_seen": now})[0]
+        for name in (caller, callee)
+    ]
+    timeline = CALL_TIMELINES[status]
+    call = Call.objects.create(caller=users[0], callee=users[1], status=status, end_reason=timeline[-1][2])
+    for old, new, reason in timeline:
+        CallEvent.objects.create(call=call, old_status=old, new_status=new, reason=reason, username=caller)
+    # created_at is auto_now_add: only an update can put it in the past.
+    Call.objects.filter(pk=call.pk).update(created_at=now - timedelta(days=days_ago))
+    return str(call.pk)

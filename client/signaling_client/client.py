@@ -46,6 +46,19 @@ FATAL_REGISTRATION_CODES = frozenset({"unauthorized", "username_taken", "already
 CALL_REQUEST_ERRORS = frozenset(
     {"user_offline", "already_in_call", "invalid_message", "rate_limited", "internal_error", "not_registered"}
 )
+# Error codes the server may answer push_subscribe and push_unsubscribe with.
+PUSH_REQUEST_ERRORS = frozenset(
+    {
+        "unauthorized",
+        "push_unavailable",
+        "too_many_subscriptions",
+        "unknown_subscription",
+        "invalid_message",
+        "rate_limited",
+        "internal_error",
+        "not_registered",
+    }
+)
 
 
 class SignalingClient:
@@ -479,6 +492,54 @@ class SignalingClient:
             raise SignalingError(reply.code, reply.message)
         assert isinstance(reply, ev.CallHistory)
         return reply.calls
+
+    async def subscribe_push(
+        self,
+        platform: str,
+        *,
+        subscription: Mapping[str, Any] | None = None,
+        token: str | None = None,
+        voip: bool = False,
+        device_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Let the server wake this user's device by push; return the subscription id.
+
+        `platform` is "webpush" (with `subscription`, a browser's `PushSubscription.toJSON()`),
+        "fcm" (with the registration `token`) or "apns" (with the device `token` in hex, and
+        `voip=True` for a PushKit token). Subscribing the same address again returns the same
+        id. Raises SignalingError: "unauthorized" (the server is not in token mode),
+        "push_unavailable" (it does not push to that platform), "invalid_message"...
+        """
+        message: dict[str, Any] = {"type": "push_subscribe", "platform": platform}
+        if subscription is not None:
+            message["subscription"] = dict(subscription)
+        if token is not None:
+            message["token"] = token
+        if voip:
+            message["voip"] = True
+        if device_id is not None:
+            message["device_id"] = device_id
+        reply = await self._push_request(message, ev.PushSubscribed, timeout)
+        return reply.subscription_id
+
+    async def unsubscribe_push(self, subscription_id: str, timeout: float | None = None) -> None:
+        """Remove one of this user's push subscriptions; SignalingError "unknown_subscription" if there is none."""
+        await self._push_request(
+            {"type": "push_unsubscribe", "subscription_id": subscription_id}, ev.PushUnsubscribed, timeout
+        )
+
+    async def _push_request(self, message: dict[str, Any], reply_type: type[E], timeout: float | None) -> E:
+        def answers_request(event: ev.Event) -> bool:
+            return isinstance(event, reply_type) or (isinstance(event, ev.Error) and event.code in PUSH_REQUEST_ERRORS)
+
+        # One request at a time: an error names no request, so only one may be waiting for it.
+        async with self._request_lock:
+            reply = await self._request(message, answers_request, timeout)
+        if isinstance(reply, ev.Error):
+            raise SignalingError(reply.code, reply.message)
+        assert isinstance(reply, reply_type)
+        return reply
 
     async def ping(self, timeout: float | None = None) -> ev.Pong:
         """Send a ping and return the server's pong; TimeoutError when none comes in time."""

@@ -62,6 +62,8 @@ class Registered(Event):
     resumed: bool = False
     calls: tuple[ResumedCall, ...] = ()
     device_id: str | None = None
+    # The server's Web Push application key (base64url), when it sends Web Push.
+    vapid_public_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +93,11 @@ class IncomingCall(Event):
 
 @dataclass(frozen=True, slots=True)
 class CallRinging(Event):
-    """The call this client requested rings at the other party."""
+    """The call this client requested rings at the other party; `push` when it rings a device woken by a push."""
 
     call_id: str
     target_username: str
+    push: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,20 @@ class IceCandidate(Signal):
 @dataclass(frozen=True, slots=True)
 class CallHistory(Event):
     calls: tuple[HistoryEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PushSubscribed(Event):
+    """The server stored a push subscription for this user (the reply to `subscribe_push`)."""
+
+    subscription_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PushUnsubscribed(Event):
+    """The server removed a push subscription (the reply to `unsubscribe_push`)."""
+
+    subscription_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +264,7 @@ def _registered(m: Mapping[str, Any]) -> Registered:
             ResumedCall(_str(c, "call_id"), _str(c, "peer_username"), _str(c, "status")) for c in _dicts(m, "calls")
         ),
         device_id=_opt_str(m, "device_id"),
+        vapid_public_key=_opt_str(m, "vapid_public_key"),
         raw=m,
     )
 
@@ -290,7 +308,7 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], Event]] = {
     "incoming_call": lambda m: IncomingCall(
         _str(m, "caller_username"), _str(m, "caller_id"), _opt_str(m, "call_id"), raw=m
     ),
-    "call_ringing": lambda m: CallRinging(_str(m, "call_id"), _str(m, "target_username"), raw=m),
+    "call_ringing": lambda m: CallRinging(_str(m, "call_id"), _str(m, "target_username"), m.get("push") is True, raw=m),
     "call_accepted": lambda m: CallAccepted(_str(m, "accepter_username"), _opt_str(m, "call_id"), raw=m),
     "call_rejected": lambda m: CallRejected(
         _str(m, "rejecter_username"), _opt_str(m, "call_id"), _opt_str(m, "reason") or "rejected", raw=m
@@ -300,6 +318,8 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], Event]] = {
     "answer": _signal(Answer),
     "ice_candidate": _signal(IceCandidate),
     "call_history": lambda m: CallHistory(tuple(_history_entry(c) for c in _dicts(m, "calls")), raw=m),
+    "push_subscribed": lambda m: PushSubscribed(_str(m, "subscription_id"), raw=m),
+    "push_unsubscribed": lambda m: PushUnsubscribed(_str(m, "subscription_id"), raw=m),
     "pong": lambda m: Pong(_opt_str(m, "server_time"), raw=m),
     "error": lambda m: Error(_str(m, "code"), _str(m, "message"), raw=m),
     "peer_reconnecting": lambda m: PeerReconnecting(_str(m, "username"), _opt_str(m, "call_id"), raw=m),

@@ -16,6 +16,9 @@
     registerBtn: $("register-btn"),
     mePanel: $("me-panel"),
     meName: $("me-name"),
+    pushRow: $("push-row"),
+    pushSwitch: $("push-switch"),
+    pushNote: $("push-note"),
     users: $("online-users"),
     usersEmpty: $("online-empty"),
     history: $("call-history"),
@@ -37,12 +40,25 @@
   const RECONNECT_MAX_MS = 15000;
   // Call errors that mean an outgoing call never started.
   const CALL_REFUSALS = new Set(["user_offline", "already_in_call", "invalid_message", "rate_limited"]);
+  // Errors the server may answer push_subscribe and push_unsubscribe with.
+  const PUSH_REFUSALS = new Set([
+    "unauthorized",
+    "push_unavailable",
+    "invalid_message",
+    "too_many_subscriptions",
+    "unknown_subscription",
+    "rate_limited",
+    "internal_error",
+  ]);
+  const PUSH_REPLY_TIMEOUT_MS = 10000;
 
   const state = {
     ws: null,
     wantOnline: false,
     registered: false,
     me: null, // {username, userId, token}
+    deviceId: null,
+    push: { key: null, request: null }, // the server's VAPID key; the push request awaiting its reply
     iceServers: [],
     users: [],
     call: null,
@@ -99,6 +115,26 @@
     return ids[username];
   }
 
+  // One device id per browser profile: it names this browser in the server's
+  // call history and on its push subscription.
+  function browserDeviceId() {
+    let id = null;
+    try {
+      id = localStorage.getItem("calls.deviceId");
+    } catch (err) {
+      id = null;
+    }
+    if (!id) {
+      id = `browser-${randomId().slice(0, 8)}`;
+      try {
+        localStorage.setItem("calls.deviceId", id);
+      } catch (err) {
+        // Private browsing may refuse storage: the id then lives for this tab only.
+      }
+    }
+    return id;
+  }
+
   function formatDuration(totalSeconds) {
     const s = Math.max(0, Math.floor(totalSeconds));
     const hours = Math.floor(s / 3600);
@@ -115,7 +151,12 @@
     state.ws = ws;
     ws.addEventListener("open", () => {
       state.reconnectDelay = 1000;
-      const message = { type: "register", username: state.me.username, user_id: state.me.userId };
+      const message = {
+        type: "register",
+        username: state.me.username,
+        user_id: state.me.userId,
+        device_id: state.deviceId,
+      };
       if (state.me.token) {
         message.token = state.me.token;
       }
@@ -138,6 +179,10 @@
       }
       state.ws = null;
       state.registered = false;
+      ui.pushSwitch.disabled = true;
+      if (state.push.request) {
+        state.push.request.settle(null, new Error("the connection to the server was lost"));
+      }
       if (state.call) {
         finishCall(state.call, "Call ended: the connection to the server was lost", "disconnected");
       }
@@ -574,6 +619,221 @@
     ui.timer.hidden = true;
   }
 
+  // --- Push notifications ----------------------------------------------
+  // With the switch on, a call to this user while no page of theirs is open
+  // wakes the service worker (sw.js), which shows a notification; a click on it
+  // opens the page, and once the page is online the server rings it.
+
+  function pushSupported() {
+    return "serviceWorker" in navigator && "PushManager" in window && "Notification" in window;
+  }
+
+  // Why the switch cannot be turned on here, or "" when it can.
+  function pushBlocked() {
+    if (!state.me || !state.me.token) {
+      return "Notifications need sign-in: go online with a password or a token.";
+    }
+    if (!pushSupported()) {
+      return "This browser cannot receive push notifications on this page (they need https or localhost).";
+    }
+    return "";
+  }
+
+  function setPushNote(text) {
+    ui.pushNote.textContent = text;
+    ui.pushNote.hidden = !text;
+  }
+
+  // The server's id of this browser's subscription, per username.
+  function storedSubscriptions() {
+    try {
+      return JSON.parse(localStorage.getItem("calls.pushSubscriptions") || "{}") || {};
+    } catch (err) {
+      return {};
+    }
+  }
+
+  function rememberSubscription(username, subscriptionId) {
+    const ids = storedSubscriptions();
+    if (subscriptionId) {
+      ids[username] = subscriptionId;
+    } else {
+      delete ids[username];
+    }
+    try {
+      localStorage.setItem("calls.pushSubscriptions", JSON.stringify(ids));
+    } catch (err) {
+      // Storage unavailable: the switch starts off on the next visit.
+    }
+  }
+
+  // The VAPID key (base64url) as the bytes PushManager.subscribe takes.
+  function keyBytes(base64url) {
+    const base64 = base64url.replace(/-/g, "+").replace(/_/g, "/");
+    return Uint8Array.from(atob(base64.padEnd(Math.ceil(base64.length / 4) * 4, "=")), (ch) => ch.charCodeAt(0));
+  }
+
+  function sameBytes(buffer, bytes) {
+    const other = new Uint8Array(buffer || new ArrayBuffer(0));
+    return other.length === bytes.length && other.every((byte, i) => byte === bytes[i]);
+  }
+
+  function showPushSwitch(vapidKey) {
+    state.push.key = typeof vapidKey === "string" && vapidKey ? vapidKey : null;
+    ui.pushRow.hidden = !state.push.key;
+    ui.pushSwitch.checked = false;
+    const blocked = pushBlocked();
+    ui.pushSwitch.disabled = Boolean(blocked);
+    setPushNote(blocked);
+    if (state.push.key && !blocked) {
+      runPush(restorePush, false);
+    }
+  }
+
+  // Run one switch action with the switch locked; a failure shows why and
+  // leaves the switch as `failedState`.
+  async function runPush(action, failedState) {
+    ui.pushSwitch.disabled = true;
+    try {
+      const on = await action();
+      ui.pushSwitch.checked = on;
+      setPushNote(on ? "Calls ring this browser even when the page is closed." : "");
+    } catch (err) {
+      ui.pushSwitch.checked = failedState;
+      setStatus(`Notifications: ${err.message || err}`, "error", err.code);
+    } finally {
+      ui.pushSwitch.disabled = !state.registered || Boolean(pushBlocked());
+    }
+  }
+
+  // Send push_subscribe or push_unsubscribe and wait for its reply (or the error refusing it).
+  function pushRequest(message, replyType) {
+    return new Promise((resolve, reject) => {
+      if (state.push.request) {
+        reject(new Error("another notifications request is under way"));
+        return;
+      }
+      const request = {
+        replyType,
+        settle(reply, error) {
+          if (state.push.request !== request) {
+            return;
+          }
+          state.push.request = null;
+          window.clearTimeout(request.timer);
+          if (error) {
+            reject(error);
+          } else {
+            resolve(reply);
+          }
+        },
+      };
+      request.timer = window.setTimeout(
+        () => request.settle(null, new Error("the server did not answer")),
+        PUSH_REPLY_TIMEOUT_MS,
+      );
+      state.push.request = request;
+      if (!send(message)) {
+        request.settle(null, new Error("not connected to the server"));
+      }
+    });
+  }
+
+  function settlePushRequest(replyType, message) {
+    const request = state.push.request;
+    if (request && request.replyType === replyType) {
+      request.settle(message, null);
+    }
+  }
+
+  async function subscribeOnServer(username, subscription) {
+    const reply = await pushRequest(
+      {
+        type: "push_subscribe",
+        platform: "webpush",
+        subscription: subscription.toJSON(),
+        device_id: state.deviceId,
+      },
+      "push_subscribed",
+    );
+    rememberSubscription(username, reply.subscription_id);
+  }
+
+  async function currentSubscription() {
+    const registration = await navigator.serviceWorker.getRegistration("/");
+    return registration ? registration.pushManager.getSubscription() : null;
+  }
+
+  async function enablePush() {
+    const username = state.me.username;
+    // Asked first, while the click that turned the switch on still counts as
+    // one: Firefox and Safari refuse the prompt outside a user gesture.
+    const permission = await Notification.requestPermission();
+    if (permission !== "granted") {
+      throw new Error(permission === "denied" ? "this browser blocks them for this site" : "they were not allowed");
+    }
+    const registration = await navigator.serviceWorker.register("/sw.js");
+    await navigator.serviceWorker.ready; // subscribing needs an active worker
+    const key = keyBytes(state.push.key);
+    let subscription = await registration.pushManager.getSubscription();
+    if (subscription && !sameBytes(subscription.options.applicationServerKey, key)) {
+      // Made for another server key (it was rotated): nothing can push to it any more.
+      await subscription.unsubscribe();
+      subscription = null;
+    }
+    if (!subscription) {
+      subscription = await registration.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: key });
+    }
+    await subscribeOnServer(username, subscription);
+    return true;
+  }
+
+  async function disablePush() {
+    const username = state.me.username;
+    const subscriptionId = storedSubscriptions()[username];
+    if (subscriptionId) {
+      try {
+        await pushRequest({ type: "push_unsubscribe", subscription_id: subscriptionId }, "push_unsubscribed");
+      } catch (err) {
+        if (err.code !== "unknown_subscription") {
+          throw err;
+        }
+      }
+      rememberSubscription(username, null);
+    }
+    const subscription = await currentSubscription();
+    if (subscription) {
+      await subscription.unsubscribe();
+    }
+    return false;
+  }
+
+  // After going online: the switch is on when this browser still holds the
+  // subscription the server gave this user an id for.
+  async function restorePush() {
+    const username = state.me.username;
+    if (!storedSubscriptions()[username] || Notification.permission !== "granted") {
+      return false;
+    }
+    const subscription = await currentSubscription();
+    if (!subscription || !sameBytes(subscription.options.applicationServerKey, keyBytes(state.push.key))) {
+      rememberSubscription(username, null);
+      return false;
+    }
+    // Subscribed again on every sign-in: the endpoint keeps its id, and comes
+    // back to this user if another one subscribed it since.
+    await subscribeOnServer(username, subscription);
+    return true;
+  }
+
+  // Opened from a call notification (sw.js): the server rings the page once it is online.
+  function openedFromNotification() {
+    if (!state.registered && !state.wantOnline) {
+      setStatus("Sign in to answer the call", "incoming");
+      ui.username.focus();
+    }
+  }
+
   // --- Server messages -------------------------------------------------
 
   const handlers = {
@@ -588,6 +848,15 @@
       setStatus(`Online as ${message.username}. Pick someone to call.`, "online");
       renderUsers(state.users);
       requestHistory();
+      showPushSwitch(message.vapid_public_key);
+    },
+
+    push_subscribed(message) {
+      settlePushRequest("push_subscribed", message);
+    },
+
+    push_unsubscribed(message) {
+      settlePushRequest("push_unsubscribed", message);
     },
 
     online_users(message) {
@@ -705,6 +974,12 @@
         goOffline();
         return;
       }
+      if (state.push.request && PUSH_REFUSALS.has(message.code)) {
+        const error = new Error(message.message);
+        error.code = message.code;
+        state.push.request.settle(null, error);
+        return;
+      }
       const call = state.call;
       if (call && call.role === "caller" && !call.id && CALL_REFUSALS.has(message.code)) {
         finishCall(call, message.message, message.code);
@@ -731,6 +1006,13 @@
   ui.acceptBtn.addEventListener("click", acceptCall);
   ui.rejectBtn.addEventListener("click", rejectCall);
   ui.hangupBtn.addEventListener("click", hangUp);
+  ui.pushSwitch.addEventListener("change", () => {
+    if (ui.pushSwitch.checked) {
+      runPush(enablePush, false);
+    } else {
+      runPush(disablePush, true);
+    }
+  });
   ui.muteBtn.addEventListener("click", () => toggle(ui.muteBtn, "Mute mic", "Unmute mic"));
   ui.cameraBtn.addEventListener("click", () => toggle(ui.cameraBtn, "Camera off", "Camera on"));
   window.addEventListener("pagehide", () => {
@@ -739,10 +1021,23 @@
     }
   });
 
+  if (navigator.serviceWorker) {
+    navigator.serviceWorker.addEventListener("message", (event) => {
+      if (event.data && event.data.type === "notification_click") {
+        openedFromNotification();
+      }
+    });
+  }
+
+  state.deviceId = browserDeviceId();
   try {
     ui.username.value = localStorage.getItem("calls.lastUsername") || "";
   } catch (err) {
     // Storage unavailable: start with an empty name.
+  }
+  if (new URLSearchParams(location.search).has("call")) {
+    history.replaceState(null, "", location.pathname);
+    openedFromNotification();
   }
   if (!window.RTCPeerConnection || !navigator.mediaDevices) {
     setStatus("This browser (or an insecure http:// page) cannot make WebRTC calls; use https or localhost", "error");

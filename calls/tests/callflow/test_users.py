@@ -1,4 +1,4 @@
-"""The per-process runtime's own parts: user rows written in batches."""
+"""Covers calls.callflow.users: user rows written in batches."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from calls.callflow import store as call_store
+from calls.callflow.users import UserRows
 from calls.models import SignalingUser
-from calls.process.runtime import UserRows
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

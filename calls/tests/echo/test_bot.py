@@ -1,4 +1,4 @@
-"""The echo bot (`manage.py echo_bot`) against aiortc callers through a real daphne process.
+"""Covers calls.echo.bot (`manage.py echo_bot`): aiortc callers through a real daphne process get their media back.
 
 Each caller sends video frames that carry a frame counter drawn as big black and
 white blocks (they survive VP8) plus a 500 Hz tone, and checks that what comes
@@ -26,7 +26,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from calls.echo.bot import candidate_from_wire, rtc_configuration, rtc_ice_servers
 from calls.testing.servers import ROOT, daphne_server
-from calls.tests.test_client import Recorder, call_row, until_online
+from calls.tests.netclient import Recorder, call_row, until_online
 
 WIDTH, HEIGHT = 320, 240
 GRID = 4  # 4 x 4 cells: 12 counter bits and a 4-bit checksum

@@ -1,4 +1,4 @@
-"""Accounts over HTTP: sign-up, tokens, the admin login, and the limits on all three.
+"""Covers calls.http.accounts, api, throttle and admin_login: sign-up, tokens, the admin login, and their limits.
 
 Failed logins count per (account, client address) and per address, never per
 account alone; sign-ups count per address; password checks run in a few slots

@@ -1,4 +1,7 @@
-"""Log lines: one per record, logfmt or JSON, secrets redacted at INFO; checked in-process and on a real server."""
+"""Covers calls.observability.logs: one line per record, logfmt or JSON, secrets redacted at INFO.
+
+Checked in-process, through the settings in a fresh process, and on a real server.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import websockets
 
 from calls.observability.logs import LineFormatter, RedactFilter
 from calls.testing.servers import ROOT, daphne_server, server_env
-from calls.tests.test_resume import next_of, register
+from calls.tests.netclient import Peer, answered_call, connect_registered
 
 # key=value, the value bare or a quoted JSON string literal; pairs separated by one space.
 _PAIR = re.compile(r'([A-Za-z0-9_.\-]+)=("(?:[^"\\]|\\.)*"|[^\s"=\\]+)')
@@ -210,33 +213,29 @@ async def test_a_real_server_logs_one_well_formed_line_per_event_and_no_sdp_or_t
     marker = f"sdp-marker-{secrets.token_hex(8)}"
     stolen = f"resume-marker-{secrets.token_hex(8)}"
     with daphne_server(tmp_path) as server:
-        alice, registered = await register(server.url, "alice", resume=True)
+        alice, registered = await connect_registered(server.url, "alice", resume=True)
         token = registered["resume_token"]
-        bob, _ = await register(server.url, "bob")
-        await alice.send(json.dumps({"type": "call_request", "target_username": "bob"}))
-        call_id = (await next_of(bob, "incoming_call"))["call_id"]
-        await bob.send(json.dumps({"type": "call_accepted", "call_id": call_id}))
-        await next_of(alice, "call_accepted")
+        bob, _ = await connect_registered(server.url, "bob")
+        call_id = await answered_call(alice, bob)
         offer = {"type": "offer", "sdp": f"v=0\r\no=- {marker} 2 IN IP4 127.0.0.1\r\ns=-\r\n"}
-        await alice.send(json.dumps({"type": "offer", "target_username": "bob", "call_id": call_id, "data": offer}))
-        assert (await next_of(bob, "offer"))["data"] == offer
+        await alice.send({"type": "offer", "target_username": "bob", "call_id": call_id, "data": offer})
+        assert (await bob.expect("offer"))["data"] == offer
         answer = {"type": "answer", "sdp": f"v=0\r\no=- {marker} 3 IN IP4 127.0.0.1\r\n"}
-        await bob.send(json.dumps({"type": "answer", "target_username": "alice", "call_id": call_id, "data": answer}))
-        await next_of(alice, "answer")
+        await bob.send({"type": "answer", "target_username": "alice", "call_id": call_id, "data": answer})
+        await alice.expect("answer")
 
-        thief = await websockets.connect(server.url)
-        await thief.send(
-            json.dumps({"type": "register", "username": "mallory", "user_id": "m", "resume_token": stolen})
-        )
-        assert (await next_of(thief, "error"))["code"] == "resume_failed"
-        alice.transport.abort()
-        await next_of(bob, "peer_reconnecting")
-        back, resumed = await register(server.url, "alice", resume_token=token)
+        thief = Peer(await websockets.connect(server.url), "mallory")
+        await thief.send({"type": "register", "username": "mallory", "user_id": "m", "resume_token": stolen})
+        await thief.expect_error("resume_failed")
+        alice.ws.transport.abort()
+        await bob.expect("peer_reconnecting")
+        back, resumed = await connect_registered(server.url, "alice", resume_token=token)
         assert resumed["resumed"] is True
-        await back.send(json.dumps({"type": "call_ended", "call_id": call_id}))
-        await next_of(bob, "call_ended")
-        for ws in (thief, back, bob):
-            await ws.close()
+        assert (await bob.expect("peer_reconnected"))["call_id"] == call_id
+        await back.send({"type": "call_ended", "call_id": call_id})
+        await bob.expect("call_ended")
+        for peer in (thief, back, bob):
+            await peer.ws.close()
     logs = server.logs()
 
     assert marker not in logs

@@ -1,13 +1,13 @@
-"""The in-memory presence store and the hub that broadcasts the list, without sockets."""
+"""Covers calls.presence.memory: the presence leases of a process without Redis, alone.
+
+Time is a fake clock (`clock`): leases and parking read `time.monotonic`.
+"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
 from calls.presence.base import JoinRefused, SessionInfo
-from calls.presence.hub import PresenceHub
 from calls.presence.memory import MemoryPresenceStore
 from calls.wire import protocol
 
@@ -104,59 +104,36 @@ async def test_a_name_is_free_again_once_its_last_session_leaves(store):
     assert await store.online_users() == [{"username": "alice", "user_id": "u-b"}]
 
 
-# --- The hub: one list, sent to every listener ---------------------------------------------
-
-
-class Listener:
-    """An async send callable that keeps what it was sent, or fails every send."""
-
-    def __init__(self, fails: bool = False) -> None:
-        self.fails = fails
-        self.texts: list[str] = []
-
-    async def __call__(self, text: str) -> None:
-        if self.fails:
-            raise ConnectionError("socket gone")
-        self.texts.append(text)
-
-    def listed(self) -> list[list[dict[str, str]]]:
-        return [json.loads(text)["users"] for text in self.texts]
-
-
-@pytest.fixture
-async def hub(store):
-    # A window long enough that only flush_now broadcasts during a test.
-    hub = PresenceHub(store, window=60.0)
-    yield hub
-    if hub._flush_task is not None:
-        hub._flush_task.cancel()
-
-
-async def test_a_listener_whose_send_fails_does_not_stop_the_others(store, hub, caplog):
+async def test_a_lease_runs_out_unless_renewed_and_expires_once(store, clock):
     await store.join(session("c1", "alice", "u-a"), 5, TTL)
-    first, broken, last = Listener(), Listener(fails=True), Listener()
-    hub.listen("first", first, delta=False)
-    hub.listen("broken", broken, delta=False)
-    hub.listen("last", last, delta=False)
-    await hub.flush_now()
-    assert first.listed() == last.listed() == [[{"username": "alice", "user_id": "u-a"}]]
-    assert "presence not sent to one session" in caplog.text
+    await store.join(session("c2", "bob", "u-b"), 5, TTL)
+    clock.advance(TTL - 1)
+    assert await store.renew(["c1", "gone"], TTL) == ["gone"]
+    clock.advance(2)
+    assert await store.expire() == [session("c2", "bob", "u-b")]
+    assert await store.expire() == []
+    assert await store.online_users() == [{"username": "alice", "user_id": "u-a"}]
 
 
-async def test_the_hub_keeps_broadcasting_to_the_others_after_a_failed_send(store, hub):
-    first, broken, last = Listener(), Listener(fails=True), Listener()
-    for channel, listener in (("first", first), ("broken", broken), ("last", last)):
-        hub.listen(channel, listener, delta=False)
-    await hub.flush_now()
-    await store.join(session("c1", "bob", "u-b"), 5, TTL)
-    hub.changed()
-    await hub.flush_now()
-    assert first.listed() == last.listed() == [[], [{"username": "bob", "user_id": "u-b"}]]
+async def test_a_parked_session_is_claimed_once_and_only_with_its_nonce(store, clock):
+    await store.join(session("c1", "alice", "u"), 5, TTL)
+    await store.park("c1", {"nonce": "n", "username": "alice"}, 0.2)
+    assert await store.claim_parked("c1", "other") is None
+    assert await store.claim_parked("c1", "n") == {"nonce": "n", "username": "alice"}
+    assert await store.claim_parked("c1", "n") is None
 
 
-async def test_nothing_is_broadcast_when_nothing_changed(store, hub):
-    listener = Listener()
-    hub.listen("one", listener, delta=False)
-    await hub.flush_now()
-    await hub.flush_now()
-    assert listener.listed() == [[]]
+async def test_parking_shortens_the_lease_to_the_parking_time(store, clock):
+    await store.join(session("c1", "alice", "u"), 5, TTL)
+    await store.park("c1", {"nonce": "n"}, 0.2)
+    clock.advance(0.1)
+    assert await store.expire() == []
+    clock.advance(0.1)
+    assert await store.expire() == [session("c1", "alice", "u")]
+
+
+async def test_a_parked_session_cannot_be_claimed_after_its_parking_time(store, clock):
+    await store.join(session("c1", "alice", "u"), 5, TTL)
+    await store.park("c1", {"nonce": "n"}, 0.2)
+    clock.advance(0.2)
+    assert await store.claim_parked("c1", "n") is None

@@ -1,4 +1,4 @@
-"""RedisPresenceStore against a real redis-server: two stores stand for two processes."""
+"""Covers calls.presence.redis: RedisPresenceStore against a real redis-server; two stores stand for two processes."""
 
 from __future__ import annotations
 

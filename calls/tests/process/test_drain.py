@@ -1,36 +1,27 @@
-"""Graceful shutdown: SIGTERM closes every socket with 1012 and ends no call another
-process can carry (real daphne processes; with Redis and PostgreSQL for the carry)."""
+"""Covers calls.process.drain and the SIGTERM hook in calls.server.daphne: graceful shutdown of real daphne processes.
+
+SIGTERM closes every socket with 1012 and ends no call another process can carry
+(with Redis and PostgreSQL for the carry).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 
 import pytest
-import websockets
 
 from calls.testing.servers import daphne_server
-from calls.tests.test_multiprocess import TIMEOUT, Peer, answered_call, peers, ring, start_cluster  # noqa: F401
+from calls.tests.netclient import answered_call, ring, server_rows, start_cluster
 
 SERVICE_RESTART = 1012
-
-
-async def closed_with(peer: Peer) -> int:
-    """Read until the server closes the socket; return the close code."""
-    async with asyncio.timeout(TIMEOUT):
-        try:
-            while True:
-                await peer.ws.recv()
-        except websockets.ConnectionClosed as closed:
-            return closed.rcvd.code if closed.rcvd else 1006
 
 
 def exited(server, timeout: float = 20.0) -> int:
     return server.proc.wait(timeout)
 
 
-async def test_one_process_closes_every_socket_with_1012_and_ends_its_calls(tmp_path, peers):  # noqa: F811
+async def test_one_process_closes_every_socket_with_1012_and_ends_its_calls(tmp_path, peers):
     with daphne_server(tmp_path, SIGNALING_PRESENCE_WINDOW_MS="20") as server:
         alice = await peers(server, "alice", resume=True)
         bob = await peers(server, "bob")
@@ -38,12 +29,11 @@ async def test_one_process_closes_every_socket_with_1012_and_ends_its_calls(tmp_
         call_id = await answered_call(alice, bob)
 
         server.proc.send_signal(signal.SIGTERM)
-        codes = await asyncio.gather(closed_with(alice), closed_with(bob), closed_with(idle))
+        codes = await asyncio.gather(alice.close_code(), bob.close_code(), idle.close_code())
         assert codes == [SERVICE_RESTART] * 3
         assert await asyncio.to_thread(exited, server) == 0
         # No other process can carry the call: it ended, and the row says why.
-        db = sqlite3.connect(tmp_path / "server.sqlite3")
-        assert db.execute("SELECT id, status, end_reason FROM calls_call").fetchall() == [
+        assert server_rows(server, "SELECT id, status, end_reason FROM calls_call") == [
             (call_id.replace("-", ""), "completed", "disconnected")
         ]
         logs = server.logs()
@@ -52,7 +42,7 @@ async def test_one_process_closes_every_socket_with_1012_and_ends_its_calls(tmp_
 
 
 @pytest.mark.services
-async def test_a_resumable_call_moves_to_another_process_and_a_v1_call_ends(tmp_path, postgres, peers):  # noqa: F811
+async def test_a_resumable_call_moves_to_another_process_and_a_v1_call_ends(tmp_path, postgres, peers):
     cluster = start_cluster(tmp_path, postgres, SIGNALING_RESUME_GRACE="20")
     try:
         alice = await peers(cluster.a)
@@ -71,9 +61,9 @@ async def test_a_resumable_call_moves_to_another_process_and_a_v1_call_ends(tmp_
         ringing = await ring(frank, [gina], "gina")
 
         cluster.a.proc.send_signal(signal.SIGTERM)
-        assert await closed_with(alice) == SERVICE_RESTART
-        assert await closed_with(carol) == SERVICE_RESTART
-        assert await closed_with(frank) == SERVICE_RESTART
+        assert await alice.close_code() == SERVICE_RESTART
+        assert await carol.close_code() == SERVICE_RESTART
+        assert await frank.close_code() == SERVICE_RESTART
         reconnecting = await bob.expect("peer_reconnecting")
         assert (reconnecting["username"], reconnecting["call_id"]) == ("alice", carried)
         ended = await dave.expect("call_ended")
@@ -128,14 +118,14 @@ async def test_a_resumable_call_moves_to_another_process_and_a_v1_call_ends(tmp_
 
 
 @pytest.mark.services
-async def test_a_parked_session_nobody_resumes_ends_its_call_after_the_grace(tmp_path, postgres, peers):  # noqa: F811
+async def test_a_parked_session_nobody_resumes_ends_its_call_after_the_grace(tmp_path, postgres, peers):
     cluster = start_cluster(tmp_path, postgres, SIGNALING_RESUME_GRACE="2", SIGNALING_PRESENCE_TTL="3")
     try:
         alice = await peers(cluster.a, "alice", resume=True)
         bob = await peers(cluster.b, "bob")
         call_id = await answered_call(alice, bob)
         cluster.a.proc.send_signal(signal.SIGTERM)
-        assert await closed_with(alice) == SERVICE_RESTART
+        assert await alice.close_code() == SERVICE_RESTART
         await bob.expect("peer_reconnecting")
         # Parked for the grace: alice stays listed meanwhile, then her lease runs out.
         ended = await bob.expect("call_ended", timeout=15)
@@ -147,7 +137,7 @@ async def test_a_parked_session_nobody_resumes_ends_its_call_after_the_grace(tmp
 
 
 @pytest.mark.services
-async def test_a_call_between_two_parked_sessions_goes_on_when_both_resume(tmp_path, postgres, peers):  # noqa: F811
+async def test_a_call_between_two_parked_sessions_goes_on_when_both_resume(tmp_path, postgres, peers):
     cluster = start_cluster(tmp_path, postgres, SIGNALING_RESUME_GRACE="20")
     try:
         tokens = {}
@@ -158,8 +148,8 @@ async def test_a_call_between_two_parked_sessions_goes_on_when_both_resume(tmp_p
             tokens[name] = (await old[name].register(name, f"id-{name}", resume=True))["resume_token"]
         call_id = await answered_call(old["hana"], old["ivan"])
         cluster.a.proc.send_signal(signal.SIGTERM)
-        assert await closed_with(old["hana"]) == SERVICE_RESTART
-        assert await closed_with(old["ivan"]) == SERVICE_RESTART
+        assert await old["hana"].close_code() == SERVICE_RESTART
+        assert await old["ivan"].close_code() == SERVICE_RESTART
         assert await asyncio.to_thread(exited, cluster.a) == 0
 
         new = {}

@@ -1,4 +1,4 @@
-"""A real coturn accepts the TURN credentials calls/ice.py issues, and only those.
+"""Covers calls.realtime.ice: a real coturn accepts the TURN credentials it issues, and only those.
 
 coturn runs with the TURN REST API mechanism (`use-auth-secret`), on a free
 loopback port, with no configuration file and nothing outside a temp folder.

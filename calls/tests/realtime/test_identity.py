@@ -1,56 +1,25 @@
-"""Who a session is, through the real ASGI application: one owner per name in open mode,
-one account's devices in token mode, whose calls history shows, and ring-spam limits."""
+"""Covers calls.realtime.identity through the real ASGI application: who a session is.
+
+One owner per name in open mode, one account's devices in token mode, and whose
+calls a session's history shows in each mode.
+"""
 
 from __future__ import annotations
 
 import pytest
 from channels.db import database_sync_to_async
 
-from calls.models import Call, CallEvent, SignalingUser
+from calls.models import CallEvent
 from calls.realtime.security import mint_token
-from calls.tests.wsclient import Client
+from calls.tests.wsclient import answer, calls_in_db, end_call, ring, users_in_db
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@database_sync_to_async
-def users_in_db() -> dict[str, str]:
-    return dict(SignalingUser.objects.values_list("username", "user_id"))
-
-
-@database_sync_to_async
-def calls_in_db() -> list[Call]:
-    return list(Call.objects.select_related("caller", "callee").order_by("created_at"))
 
 
 @database_sync_to_async
 def actors_of(call_id: str) -> list[tuple[str, str, str, str]]:
     """Each recorded change of a call: (old status, new status, who acted, from which device)."""
     return list(CallEvent.objects.filter(call_id=call_id).values_list("old_status", "new_status", "username", "device"))
-
-
-async def ring(caller: Client, callee: Client, target: str) -> str:
-    """Have `caller` call `target` (whose session is `callee`); return the call id."""
-    await caller.send({"type": "call_request", "target_username": target})
-    call_id = (await callee.expect("incoming_call"))["call_id"]
-    assert (await caller.expect("call_ringing"))["call_id"] == call_id
-    return call_id
-
-
-async def cancel(caller: Client, callee: Client, call_id: str) -> None:
-    await caller.send({"type": "call_ended", "call_id": call_id})
-    ended = await callee.expect("call_ended")
-    assert (ended["call_id"], ended["reason"]) == (call_id, "cancelled")
-
-
-async def answer(caller: Client, callee: Client, call_id: str) -> None:
-    await callee.send({"type": "call_accepted", "call_id": call_id})
-    assert (await caller.expect("call_accepted"))["call_id"] == call_id
-
-
-async def hang_up(caller: Client, callee: Client, call_id: str) -> None:
-    await caller.send({"type": "call_ended", "call_id": call_id})
-    assert (await callee.expect("call_ended"))["reason"] == "hangup"
 
 
 # --- Open mode: one live session per name ------------------------------------------------
@@ -63,7 +32,7 @@ async def test_a_second_register_for_an_online_name_is_refused_and_the_holder_st
     await intruder.expect_error("username_taken")
 
     carol = await connect("carol")
-    await ring(carol, alice, "alice")
+    await ring(carol, alice)
     await intruder.nothing()
     await intruder.send({"type": "get_call_history"})
     await intruder.expect_error("not_registered")
@@ -76,7 +45,7 @@ async def test_a_second_register_with_the_holders_user_id_is_refused_while_the_h
     await twin.send({"type": "register", "username": "alice", "user_id": "u-a"})
     await twin.expect_error("username_taken")
     carol = await connect("carol")
-    await ring(carol, alice, "alice")
+    await ring(carol, alice)
     await twin.nothing()
 
 
@@ -110,7 +79,7 @@ async def test_a_full_width_name_registers_as_plain_letters(connect):
 
 async def test_a_call_to_a_case_variant_rings_the_owner_under_its_own_name(connect):
     alice, bob = await connect("alice"), await connect("Bob")
-    call_id = await ring(alice, bob, "BOB")
+    call_id = await ring(alice, bob, target="BOB")
     [call] = await calls_in_db()
     assert (str(call.id), call.callee.username) == (call_id, "Bob")
 
@@ -149,7 +118,7 @@ async def test_a_call_records_the_devices_of_both_sides(connect, multi_device):
     call_id = (await phone.expect("incoming_call"))["call_id"]
     await laptop.expect("incoming_call")
     await answer(alice, phone, call_id)
-    await hang_up(alice, phone, call_id)
+    await end_call(alice, phone, call_id, "hangup")
 
     [call] = await calls_in_db()
     assert (call.caller_device, call.callee_device, call.status) == ("desk", "phone", "completed")
@@ -164,11 +133,11 @@ async def test_history_names_the_devices_of_a_call(connect, multi_device):
     alice, _ = await register_device(connect, "alice", "acct-a", "x", "desk")
     phone, _ = await register_device(connect, "bob", "acct-b", "y", "phone")
     laptop, _ = await register_device(connect, "bob", "acct-b", "z", "laptop")
-    call_id = await ring(alice, phone, "bob")
+    call_id = await ring(alice, phone)
     await laptop.expect("incoming_call")
     await answer(alice, phone, call_id)
     assert (await laptop.expect("call_ended"))["reason"] == "answered_elsewhere"
-    await hang_up(alice, phone, call_id)
+    await end_call(alice, phone, call_id, "hangup")
 
     await laptop.send({"type": "get_call_history"})
     [item] = (await laptop.expect("call_history"))["calls"]
@@ -177,8 +146,8 @@ async def test_history_names_the_devices_of_a_call(connect, multi_device):
 
 async def test_history_shows_null_devices_for_a_call_between_sessions_without_one(connect):
     alice, bob = await connect("alice"), await connect("bob")
-    call_id = await ring(alice, bob, "bob")
-    await cancel(alice, bob, call_id)
+    call_id = await ring(alice, bob)
+    await end_call(alice, bob, call_id, "cancelled")
     await alice.send({"type": "get_call_history"})
     [item] = (await alice.expect("call_history"))["calls"]
     assert (item["caller_device_id"], item["callee_device_id"]) == (None, None)
@@ -189,9 +158,9 @@ async def test_history_shows_null_devices_for_a_call_between_sessions_without_on
 async def test_in_token_mode_a_new_device_sees_the_accounts_earlier_calls(connect, multi_device):
     alice, _ = await register_device(connect, "alice", "acct-a", "x", "desk")
     bob, _ = await register_device(connect, "bob", "acct-b", "y", "phone")
-    call_id = await ring(alice, bob, "bob")
+    call_id = await ring(alice, bob)
     await answer(alice, bob, call_id)
-    await hang_up(alice, bob, call_id)
+    await end_call(alice, bob, call_id, "hangup")
     await alice.close()
 
     later, _ = await register_device(connect, "alice", "acct-a", "x", "tablet")
@@ -204,9 +173,9 @@ async def test_in_token_mode_a_new_device_sees_the_accounts_earlier_calls(connec
 
 async def test_in_open_mode_a_new_session_of_a_name_sees_none_of_the_earlier_calls(connect):
     alice, bob = await connect("alice", "u-a"), await connect("bob")
-    call_id = await ring(alice, bob, "bob")
+    call_id = await ring(alice, bob)
     await answer(alice, bob, call_id)
-    await hang_up(alice, bob, call_id)
+    await end_call(alice, bob, call_id, "hangup")
     await alice.close()
 
     again = await connect("alice", "u-a")
@@ -218,52 +187,8 @@ async def test_in_open_mode_a_new_session_of_a_name_sees_none_of_the_earlier_cal
 
 async def test_in_open_mode_a_session_sees_the_calls_that_rang_it(connect):
     alice, bob = await connect("alice"), await connect("bob")
-    call_id = await ring(alice, bob, "bob")
-    await cancel(alice, bob, call_id)
+    call_id = await ring(alice, bob)
+    await end_call(alice, bob, call_id, "cancelled")
     await bob.send({"type": "get_call_history"})
     [item] = (await bob.expect("call_history"))["calls"]
     assert (item["call_id"], item["status"]) == (call_id, "cancelled")
-
-
-# --- Ring-spam -------------------------------------------------------------------------
-
-
-async def test_a_callee_who_never_answers_stops_ringing_for_that_caller(connect, settings):
-    settings.SIGNALING_UNANSWERED_CALLS_PER_CALLEE = 2
-    alice, bob, carol = await connect("alice"), await connect("bob"), await connect("carol")
-    for _ in range(2):
-        await cancel(alice, bob, await ring(alice, bob, "bob"))
-
-    await alice.send({"type": "call_request", "target_username": "bob"})
-    refused = await alice.expect_error("call_rate_limited")
-    assert "bob" in refused["message"]
-    await bob.nothing()
-    assert len(await calls_in_db()) == 2
-
-    await ring(carol, bob, "bob")
-    assert len(await calls_in_db()) == 3
-
-
-async def test_an_answered_call_lets_the_caller_ring_that_callee_again(connect, settings):
-    settings.SIGNALING_UNANSWERED_CALLS_PER_CALLEE = 1
-    alice, bob = await connect("alice"), await connect("bob")
-    first = await ring(alice, bob, "bob")
-    await answer(alice, bob, first)
-    await hang_up(alice, bob, first)
-    await cancel(alice, bob, await ring(alice, bob, "bob"))
-    await alice.send({"type": "call_request", "target_username": "bob"})
-    await alice.expect_error("call_rate_limited")
-    await bob.nothing()
-    assert len(await calls_in_db()) == 2
-
-
-async def test_a_caller_may_start_only_so_many_calls_a_minute(connect, settings):
-    settings.SIGNALING_CALLS_PER_MINUTE = 2
-    alice, bob, carol, dave = [await connect(name) for name in ("alice", "bob", "carol", "dave")]
-    await cancel(alice, bob, await ring(alice, bob, "bob"))
-    await cancel(alice, carol, await ring(alice, carol, "carol"))
-
-    await alice.send({"type": "call_request", "target_username": "dave"})
-    await alice.expect_error("call_rate_limited")
-    await dave.nothing()
-    assert [call.callee.username for call in await calls_in_db()] == ["bob", "carol"]

@@ -1,4 +1,4 @@
-"""The in-memory channel layer used without Redis (calls/layers.py)."""
+"""Covers calls.realtime.layers: the in-memory channel layer used without Redis."""
 
 from __future__ import annotations
 

@@ -1,20 +1,18 @@
-"""Authentication and hardening through the real ASGI application (and daphne where the
-limit is daphne's): hijacks, tokens, origins, sizes, floods, deadlines, session caps."""
+"""Covers calls.realtime.security (tokens, origins) and the consumer's hardening, through the real ASGI application.
+
+Hijacks, tokens, origins, sizes, floods, deadlines, session caps. The frame size
+limit that is daphne's own is in calls/tests/server/test_daphne.py.
+"""
 
 from __future__ import annotations
 
-import json
 import time
 
 import jwt
 import pytest
-import websockets
-from channels.db import database_sync_to_async
 
-from calls.models import Call
 from calls.realtime.security import mint_token
-from calls.testing.servers import daphne_server
-from calls.tests.wsclient import Client
+from calls.tests.wsclient import Client, call_row, calls_in_db, complete_call, ring, users_in_db
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,17 +23,6 @@ SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 def token_mode(settings):
     settings.SIGNALING_AUTH = "token"
     settings.SIGNALING_JWT_SECRET = SECRET
-
-
-async def complete_a_call(caller: Client, callee: Client, callee_name: str = "bob") -> None:
-    await caller.send({"type": "call_request", "target_username": callee_name})
-    incoming = await callee.expect("incoming_call")
-    await callee.send({"type": "call_accepted", "call_id": incoming["call_id"]})
-    await caller.expect("call_accepted")
-    await caller.send({"type": "offer", "target_username": callee_name, "data": {"sdp": "o"}})
-    assert (await callee.expect("offer"))["data"] == {"sdp": "o"}
-    await caller.send({"type": "call_ended", "call_id": incoming["call_id"]})
-    assert (await callee.expect("call_ended"))["reason"] == "hangup"
 
 
 # --- open mode: a username is held by its user_id --------------------------
@@ -57,14 +44,28 @@ async def test_a_hijack_attempt_is_refused_and_the_holder_keeps_its_call(connect
     await bob.send({"type": "offer", "target_username": "alice", "data": {"sdp": "for alice"}})
     assert (await alice.expect("offer"))["data"] == {"sdp": "for alice"}
     await mallory.nothing()
-    assert (await database_sync_to_async(Call.objects.get)(pk=call_id)).status == "answered"
+    assert (await call_row(call_id)).status == "answered"
 
 
 async def test_an_account_may_open_another_session_in_token_mode(connect, multi_device):
-    # Open mode holds one live session per name (calls/tests/test_identity.py).
-    await connect("alice", "real-alice")
-    second = await connect("alice", "real-alice")
-    assert second.connected
+    # Open mode holds one live session per name (calls/tests/realtime/test_identity.py).
+    token = mint_token("alice", user_id="acct-alice")[0]
+    phone, laptop = await connect(), await connect()
+    for device in (phone, laptop):
+        registered = await device.register("alice", "whatever-the-device-sends", token=token)
+        assert (registered["username"], registered["user_id"]) == ("alice", "acct-alice")
+    bob = await connect("bob")
+    listed = await bob.expect_online({"alice", "bob"})
+    assert listed["users"] == [{"username": "alice", "user_id": "acct-alice"}, {"username": "bob", "user_id": "id-bob"}]
+    call_id = await ring(bob, phone, laptop)
+    [call] = await calls_in_db()
+    assert (str(call.id), call.caller.username, call.callee.username, call.status) == (
+        call_id,
+        "bob",
+        "alice",
+        "ringing",
+    )
+    assert await users_in_db() == {"alice": "acct-alice", "bob": "id-bob"}
 
 
 async def test_a_username_is_free_again_once_its_holder_left(connect):
@@ -139,8 +140,14 @@ async def test_browser_origins_are_checked_and_native_apps_pass(runtime, transac
 
 async def test_configured_origins_replace_the_default(runtime, transactional_db, settings):
     settings.SIGNALING_ALLOWED_ORIGINS = ["https://app.example.com"]
-    assert await Client(headers=[(b"origin", b"https://app.example.com")]).connect()
-    assert not await Client(headers=[(b"origin", b"http://localhost")]).connect()
+    configured = Client(headers=[(b"origin", b"https://app.example.com")])
+    default = Client(headers=[(b"origin", b"http://localhost")])
+    try:
+        assert await configured.connect()
+        assert not await default.connect()
+    finally:
+        await configured.close()
+        await default.close()
 
 
 # --- size, rate, deadlines ---------------------------------------------------
@@ -170,7 +177,7 @@ async def test_a_flood_is_rate_limited_then_cut_off_while_others_call(connect, s
         pass
     assert flooder.closed_code == 1008
     assert "rate_limited" in codes
-    await complete_a_call(alice, bob)
+    await complete_call(alice, bob)
 
 
 async def test_a_socket_that_never_registers_is_closed(connect, settings):
@@ -185,40 +192,26 @@ async def test_binary_frames_get_an_error(connect):
     await alice.expect_error("invalid_message")
 
 
-async def test_a_one_mebibyte_frame_never_reaches_the_app(tmp_path):
-    with daphne_server(tmp_path) as server:
-        ws = await websockets.connect(server.url, max_size=None)
-        try:
-            await ws.send(json.dumps({"type": "ping", "padding": "x" * (100 * 1024)}))
-            reply = json.loads(await ws.recv())
-            assert (reply["type"], reply["code"]) == ("error", "message_too_large")
-            # daphne cuts the connection (1009, or a plain drop) before the app runs:
-            # the app would have answered message_too_large and kept the socket open.
-            with pytest.raises((websockets.ConnectionClosed, ConnectionResetError)) as closed:
-                await ws.send(json.dumps({"type": "ping", "padding": "x" * (1024 * 1024)}))
-                await ws.recv()
-            rcvd = getattr(closed.value, "rcvd", None)
-            assert rcvd is None or rcvd.code == 1009
-        finally:
-            ws.transport.abort()
-        async with websockets.connect(server.url) as ws:
-            await ws.send(json.dumps({"type": "ping"}))
-            assert json.loads(await ws.recv())["type"] == "pong"
-
-
 # --- whole calls ---------------------------------------------------------------
 
 
 async def test_token_mode_still_serves_a_call(connect, token_mode):
     alice, bob = await connect(), await connect()
     for client, name in ((alice, "alice"), (bob, "bob")):
-        await client.send({"type": "register", "username": name, "user_id": name, "token": mint_token(name)[0]})
-        await client.expect("registered")
-    await complete_a_call(alice, bob)
+        await client.register(name, name, token=mint_token(name)[0])
+    call_id = await complete_call(alice, bob)
+    row = await call_row(call_id)
+    assert (row.caller.username, row.callee.username, row.status, row.end_reason) == (
+        "alice",
+        "bob",
+        "completed",
+        "hangup",
+    )
 
 
 async def test_history_never_shows_other_peoples_calls(connect):
     alice, bob, carol = await connect("alice"), await connect("bob"), await connect("carol")
-    await complete_a_call(alice, bob)
+    call_id = await complete_call(alice, bob)
     await carol.send({"type": "get_call_history", "limit": 100})
     assert (await carol.expect("call_history"))["calls"] == []
+    assert [str(call.id) for call in await calls_in_db()] == [call_id]

@@ -1,4 +1,4 @@
-"""Attacks from the [trust] review, each against a real daphne process, each refused.
+"""Covers the whole server against attacks from the [trust] review: each on a real daphne process, each refused.
 
 Every test plays the attacker with plain WebSocket clients, then checks that the
 refusal carries its documented code, that other users notice nothing, and what
@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
 import websockets
 
 from calls.testing.servers import DaphneServer, daphne_server
-from calls.tests.wire import (
-    FreezableProxy,
+from calls.tests.netclient import (
+    Peer,
     RawClient,
+    TcpProxy,
+    answered_call,
+    call_row,
     close_code,
     expect_error,
     recv_type,
     register,
     send,
+    server_rows,
     still_answers,
 )
 
@@ -42,11 +45,6 @@ def server(tmp_path: Path):
         yield server
 
 
-def rows(tmp_path: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(tmp_path / "server.sqlite3") as db:
-        return db.execute(sql).fetchall()
-
-
 async def online_names(ws: websockets.ClientConnection) -> set[str]:
     return {user["username"] for user in (await recv_type(ws, "online_users"))["users"]}
 
@@ -54,14 +52,6 @@ async def online_names(ws: websockets.ClientConnection) -> set[str]:
 async def wait_online(ws: websockets.ClientConnection, names: set[str]) -> None:
     while await online_names(ws) != names:
         pass
-
-
-async def answered_call(caller: websockets.ClientConnection, callee: websockets.ClientConnection, target: str) -> str:
-    await send(caller, {"type": "call_request", "target_username": target})
-    call_id = (await recv_type(callee, "incoming_call"))["call_id"]
-    await send(callee, {"type": "call_accepted", "call_id": call_id})
-    await recv_type(caller, "call_accepted")
-    return call_id
 
 
 def no_errors_logged(server: DaphneServer) -> None:
@@ -86,9 +76,7 @@ def no_errors_logged(server: DaphneServer) -> None:
         (lone('{"type":"@"}'), "type"),
     ],
 )
-async def test_a_lone_surrogate_in_any_field_is_refused_naming_it_and_presence_keeps_flowing(
-    server, tmp_path, frame, field
-):
+async def test_a_lone_surrogate_in_any_field_is_refused_naming_it_and_presence_keeps_flowing(server, frame, field):
     async with websockets.connect(server.url) as attacker, websockets.connect(server.url) as alice:
         await register(alice, "alice", "u-a")
         await send(attacker, frame)
@@ -100,11 +88,11 @@ async def test_a_lone_surrogate_in_any_field_is_refused_naming_it_and_presence_k
             await register(bob, "bob", "u-b")
             await wait_online(bob, {"alice", "bob"})
             await wait_online(alice, {"alice", "bob"})
-    assert rows(tmp_path, "SELECT username FROM calls_signalinguser ORDER BY username") == [("alice",), ("bob",)]
+    assert server_rows(server, "SELECT username FROM calls_signalinguser ORDER BY username") == [("alice",), ("bob",)]
     no_errors_logged(server)
 
 
-async def test_a_surrogate_sent_to_a_ringing_callee_never_reaches_it_and_the_call_goes_on(server, tmp_path):
+async def test_a_surrogate_sent_to_a_ringing_callee_never_reaches_it_and_the_call_goes_on(server):
     async with websockets.connect(server.url) as alice, websockets.connect(server.url) as bob:
         await register(alice, "alice", "u-a")
         await register(bob, "bob", "u-b")
@@ -120,10 +108,7 @@ async def test_a_surrogate_sent_to_a_ringing_callee_never_reaches_it_and_the_cal
         candidate = {"candidate": "candidate:1 1 udp 1 127.0.0.1 5000 typ host", "sdpMLineIndex": 0}
         await send(alice, {"type": "ice_candidate", "target_username": "bob", "data": candidate})
         assert (await recv_type(bob, "ice_candidate"))["data"] == candidate
-    assert rows(tmp_path, f"SELECT status FROM calls_call WHERE id = '{call_id.replace('-', '')}'") in (
-        [("completed",)],
-        [("answered",)],
-    )
+    assert call_row(server, call_id) in (("completed", "disconnected"), ("answered", None))
     no_errors_logged(server)
 
 
@@ -132,66 +117,58 @@ async def test_a_surrogate_sent_to_a_ringing_callee_never_reaches_it_and_the_cal
     ['{"x":NaN}', '{"x":Infinity}', '{"x":-Infinity}', '{"x":1e400}', '{"x":' * 40 + "1" + "}" * 40],
     ids=["nan", "infinity", "-infinity", "overflow", "deep"],
 )
-async def test_non_finite_numbers_and_deep_nesting_are_refused_before_relay(server, data):
-    async with websockets.connect(server.url) as alice, websockets.connect(server.url) as bob:
-        await register(alice, "alice", "u-a")
-        await register(bob, "bob", "u-b")
-        await answered_call(alice, bob, "bob")
-        await send(alice, '{"type":"offer","target_username":"bob","data":DATA}'.replace("DATA", data))
-        error = await expect_error(alice, "invalid_message")
-        assert "'data" in error["message"]
-        await send(alice, {"type": "offer", "target_username": "bob", "data": {"sdp": "ok"}})
-        # Bob's next signal is the good one: the bad frame reached nobody.
-        assert (await recv_type(bob, "offer"))["data"] == {"sdp": "ok"}
+async def test_non_finite_numbers_and_deep_nesting_are_refused_before_relay(server, peers, data):
+    alice, bob = await peers(server, "alice"), await peers(server, "bob")
+    call_id = await answered_call(alice, bob)
+    await alice.send('{"type":"offer","target_username":"bob","data":DATA}'.replace("DATA", data))
+    error = await alice.expect_error("invalid_message")
+    assert "'data" in error["message"]
+    await alice.send({"type": "offer", "target_username": "bob", "data": {"sdp": "ok"}})
+    # Bob's next signal is the good one: the bad frame reached nobody.
+    assert (await bob.expect("offer"))["data"] == {"sdp": "ok"}
+    assert call_row(server, call_id) == ("answered", None)
     no_errors_logged(server)
 
 
 # --- Identity in open mode -------------------------------------------
 
 
-async def test_a_copied_user_id_cannot_register_beside_a_holder_that_answers_pings(server, tmp_path):
-    async with websockets.connect(server.url) as alice, websockets.connect(server.url) as mallory:
-        await register(alice, "alice", "u-a")
-        # user_ids are in every online_users list: the attacker copies alice's.
-        await send(mallory, {"type": "register", "username": "alice", "user_id": "u-a"})
-        await expect_error(mallory, "username_taken", timeout=10)
-        await send(mallory, {"type": "register", "username": "alice", "user_id": "u-other"})
-        await expect_error(mallory, "username_taken")
-        async with websockets.connect(server.url) as bob:
-            await register(bob, "bob", "u-b")
-            # Alice alone rings, and answers.
-            call_id = await answered_call(bob, alice, "alice")
-            await still_answers(mallory)
-    assert rows(tmp_path, "SELECT callee_channel != '' FROM calls_call") == [(1,)]
-    assert call_id
+async def test_a_copied_user_id_cannot_register_beside_a_holder_that_answers_pings(server, peers):
+    alice, mallory = await peers(server, "alice"), await peers(server)
+    # user_ids are in every online_users list: the attacker copies alice's.
+    await mallory.send({"type": "register", "username": "alice", "user_id": "id-alice"})
+    await mallory.expect_error("username_taken")
+    await mallory.send({"type": "register", "username": "alice", "user_id": "u-other"})
+    await mallory.expect_error("username_taken")
+    # Alice alone rings, and answers.
+    bob = await peers(server, "bob")
+    call_id = await answered_call(bob, alice)
+    await mallory.nothing()
+    assert call_row(server, call_id) == ("answered", None)
+    assert server_rows(server, "SELECT username, user_id FROM calls_signalinguser ORDER BY username") == [
+        ("alice", "id-alice"),
+        ("bob", "id-bob"),
+    ]
     no_errors_logged(server)
 
 
-async def test_a_holder_whose_link_went_silent_is_replaced_by_its_own_user_id_within_seconds(server, tmp_path):
-    proxy = await FreezableProxy(server.port).start()
-    try:
-        phone = await websockets.connect(proxy.url, ping_interval=None)
-        await register(phone, "alice", "u-a")
-        async with websockets.connect(server.url) as bob:
-            await register(bob, "bob", "u-b")
-            call_id = await answered_call(bob, phone, "alice")
-            proxy.freeze()  # the phone switched networks: its old socket lingers, silent
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            async with websockets.connect(server.url) as new_phone:
-                registered = await register(new_phone, "alice", "u-a")
-                assert registered["username"] == "alice"
-                assert loop.time() - started < 8  # the ping timeout, not daphne's 40 s
-                ended = await recv_type(bob, "call_ended")
-                assert (ended["call_id"], ended["reason"]) == (call_id, "disconnected")
-                # The new session is the one that rings now.
-                await send(bob, {"type": "call_request", "target_username": "alice"})
-                await recv_type(new_phone, "incoming_call")
-    finally:
-        await proxy.close()
-    assert rows(tmp_path, "SELECT status, end_reason FROM calls_call ORDER BY created_at LIMIT 1") == [
-        ("completed", "disconnected")
-    ]
+async def test_a_holder_whose_link_went_silent_is_replaced_by_its_own_user_id_within_seconds(server, peers):
+    async with TcpProxy(server.port) as proxy:
+        phone = Peer(await websockets.connect(proxy.url, ping_interval=None), "alice")
+        await phone.register("alice", "id-alice")
+        bob = await peers(server, "bob")
+        call_id = await answered_call(bob, phone)
+        proxy.freeze()  # the phone switched networks: its old socket lingers, silent
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        new_phone = await peers(server, "alice")
+        assert loop.time() - started < 8  # the ping timeout, not daphne's 40 s
+        ended = await bob.expect("call_ended")
+        assert (ended["call_id"], ended["reason"]) == (call_id, "disconnected")
+        # The new session is the one that rings now.
+        await answered_call(bob, new_phone)
+        phone.ws.transport.abort()
+    assert call_row(server, call_id) == ("completed", "disconnected")
     no_errors_logged(server)
 
 
@@ -216,12 +193,12 @@ async def test_a_lookalike_of_an_online_name_is_its_owner_s(server, lookalike):
     ["ali\u200bce", "\u202ealice", " alice", "alice ", "ali\u2028ce", "a\u0000b"],
     ids=["zero-width", "bidi", "leading-space", "trailing-space", "line-separator", "nul"],
 )
-async def test_invisible_and_reordering_characters_in_usernames_are_refused(server, tmp_path, name):
+async def test_invisible_and_reordering_characters_in_usernames_are_refused(server, name):
     async with websockets.connect(server.url) as mallory:
         await send(mallory, {"type": "register", "username": name, "user_id": "u-m"})
         error = await expect_error(mallory, "invalid_message")
         assert "'username'" in error["message"]
-    assert rows(tmp_path, "SELECT count(*) FROM calls_signalinguser") == [(0,)]
+    assert server_rows(server, "SELECT count(*) FROM calls_signalinguser") == [(0,)]
 
 
 # --- Abuse of shared resources -------------------------------------------
@@ -247,7 +224,7 @@ async def test_ring_spam_is_refused_and_leaves_the_victim_reachable(tmp_path):
             await send(carol, {"type": "call_request", "target_username": "bob"})
             assert (await recv_type(bob, "incoming_call"))["caller_username"] == "carol"
     by_caller = "SELECT u.username, c.status FROM calls_call c JOIN calls_signalinguser u ON u.id = c.caller_id"
-    calls = rows(tmp_path, by_caller)
+    calls = server_rows(server, by_caller)
     assert sorted(status for caller, status in calls if caller == "spammer") == ["cancelled"] * 3
     assert [caller for caller, _ in calls if caller != "spammer"] == ["carol"]
 
@@ -360,39 +337,38 @@ async def churn(server: DaphneServer) -> None:
             raw.close()
 
 
-async def test_a_held_session_keeps_at_most_its_byte_budget(tmp_path):
+async def test_a_held_session_keeps_at_most_its_byte_budget(tmp_path, peers):
     env = {"SIGNALING_RESUME_GRACE": "5", "SIGNALING_RESUME_QUEUE_BYTES": "4096", "SIGNALING_PRESENCE_WINDOW_MS": "20"}
     with daphne_server(tmp_path, **env) as server:
-        async with websockets.connect(server.url) as bob:
-            phone = await websockets.connect(server.url)
-            token = (await register(phone, "alice", "u-a", resume=True))["resume_token"]
-            await register(bob, "bob", "u-b")
-            await answered_call(bob, phone, "alice")
-            phone.transport.abort()  # dropped without a close: held for a resume
-            await recv_type(bob, "peer_reconnecting")
-            for index in range(10):  # 10 x ~1 KB: more than the 4 KB budget
-                await send(bob, {"type": "offer", "target_username": "alice", "data": {"sdp": f"{index}" * 1000}})
-            async with websockets.connect(server.url) as back:
-                resumed = await register(back, "alice", "u-a", resume_token=token)
-                assert resumed["resumed"] is True
-                kept = [await recv_type(back, "offer") for _ in range(3)]
-                assert [offer["data"]["sdp"][0] for offer in kept] == ["0", "1", "2"]
-                overflow = await expect_error(back, "resume_overflow")
-                assert overflow["message"].startswith("7 ")
+        phone = await peers(server)
+        phone.name = "alice"
+        token = (await phone.register("alice", "id-alice", resume=True))["resume_token"]
+        bob = await peers(server, "bob")
+        call_id = await answered_call(bob, phone)
+        phone.ws.transport.abort()  # dropped without a close: held for a resume
+        await bob.expect("peer_reconnecting")
+        for index in range(10):  # 10 x ~1 KB: more than the 4 KB budget
+            await bob.send({"type": "offer", "target_username": "alice", "data": {"sdp": f"{index}" * 1000}})
+        back = await peers(server)
+        resumed = await back.register("alice", "id-alice", resume_token=token)
+        assert resumed["resumed"] is True
+        kept = [await back.expect("offer") for _ in range(3)]
+        assert [offer["data"]["sdp"][0] for offer in kept] == ["0", "1", "2"]
+        overflow = await back.expect_error("resume_overflow")
+        assert overflow["message"].startswith("7 ")
+        assert call_row(server, call_id) == ("answered", None)
     no_errors_logged(server)
 
 
-async def test_frames_from_an_attacker_leave_stored_history_intact(server, tmp_path):
-    async with websockets.connect(server.url) as alice, websockets.connect(server.url) as bob:
-        await register(alice, "alice", "u-a")
-        await register(bob, "bob", "u-b")
-        call_id = await answered_call(alice, bob, "bob")
-        await send(alice, {"type": "call_ended", "call_id": call_id})
-        await recv_type(bob, "call_ended")
-        for frame in ('{"type":"get_call_history","limit":1e400}', lone('{"type":"call_ended","call_id":"@"}')):
-            await send(bob, frame)
-            await expect_error(bob, "invalid_message")
-        await send(alice, {"type": "get_call_history"})
-        [item] = (await recv_type(alice, "call_history"))["calls"]
-        assert (item["call_id"], item["status"]) == (call_id, "completed")
-    assert rows(tmp_path, "SELECT count(*) FROM calls_callevent") == [(3,)]
+async def test_frames_from_an_attacker_leave_stored_history_intact(server, peers):
+    alice, bob = await peers(server, "alice"), await peers(server, "bob")
+    call_id = await answered_call(alice, bob)
+    await alice.send({"type": "call_ended", "call_id": call_id})
+    await bob.expect("call_ended")
+    for frame in ('{"type":"get_call_history","limit":1e400}', lone('{"type":"call_ended","call_id":"@"}')):
+        await bob.send(frame)
+        await bob.expect_error("invalid_message")
+    await alice.send({"type": "get_call_history"})
+    [item] = (await alice.expect("call_history"))["calls"]
+    assert (item["call_id"], item["status"]) == (call_id, "completed")
+    assert server_rows(server, "SELECT count(*) FROM calls_callevent") == [(3,)]

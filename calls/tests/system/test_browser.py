@@ -1,4 +1,4 @@
-"""The browser test page in real headless Chromium against a real daphne process.
+"""Covers the whole server with the browser test page (static/calls/app.js) in real headless Chromium, on daphne.
 
 Two users open the page served by daphne, register, call, and see each other's
 (fake) camera. Media flows between the two pages over host candidates only: the
@@ -14,39 +14,19 @@ The tests check every candidate that went over the wire is an address of this ho
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import sqlite3
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Locator, Page, WebSocket, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Locator, Page, WebSocket, expect
 
 from calls.testing.servers import DaphneServer, daphne_server
-from calls.testing.services import in_ci
+from calls.tests.netclient import http_request, server_rows
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    # Never talk to Google services, update servers or QUIC endpoints from tests.
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-    # A fake camera (test pattern) and microphone (beeps), granted without a prompt.
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    # Host candidates on loopback, as plain IP addresses (see the module docstring).
-    "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-]
 TIMEOUT_MS = 20_000
 
 
@@ -54,24 +34,7 @@ TIMEOUT_MS = 20_000
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
     folder = tmp_path_factory.mktemp("browser")
     with daphne_server(folder, SIGNALING_ICE_SERVERS="[]", SIGNALING_PRESENCE_WINDOW_MS="20") as server:
-        server.db_path = folder / "server.sqlite3"
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        message = f"{CHROMIUM} is missing (make system-packages installs the Debian chromium package)"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    args = list(CHROMIUM_ARGS)
-    if os.geteuid() == 0:
-        args.append("--no-sandbox")  # Chromium's sandbox refuses to run as root
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
-        yield browser
-        browser.close()
 
 
 @dataclass
@@ -127,13 +90,14 @@ def open_tab(browser: Browser, server: DaphneServer) -> Iterator[Any]:
 
 def call_rows(server: DaphneServer, caller: str, callee: str) -> list[tuple[str, str | None]]:
     """Return (status, end_reason) of the calls from `caller` to `callee`, as the server stored them."""
-    with sqlite3.connect(server.db_path) as db:
-        return db.execute(
-            "SELECT c.status, c.end_reason FROM calls_call c "
-            "JOIN calls_signalinguser a ON a.id = c.caller_id JOIN calls_signalinguser b ON b.id = c.callee_id "
-            "WHERE a.username = ? AND b.username = ?",
-            (caller, callee),
-        ).fetchall()
+    return server_rows(
+        server,
+        "SELECT c.status, c.end_reason FROM calls_call c "
+        "JOIN calls_signalinguser a ON a.id = c.caller_id JOIN calls_signalinguser b ON b.id = c.callee_id "
+        "WHERE a.username = ? AND b.username = ?",
+        caller,
+        callee,
+    )
 
 
 def is_address_of_this_host(address: str) -> bool:
@@ -248,7 +212,6 @@ PASSWORD = "a long and unusual passphrase"
 def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
     folder = tmp_path_factory.mktemp("browser-token")
     with daphne_server(folder, SIGNALING_PRESENCE_WINDOW_MS="20", **TOKEN_ENV) as server:
-        server.db_path = folder / "server.sqlite3"
         yield server
 
 
@@ -270,7 +233,7 @@ def signed_in_tab(browser: Browser, server: DaphneServer, username: str, context
 
 def test_in_token_mode_a_user_in_two_tabs_answers_in_one_and_the_other_stops_ringing(browser, token_server):
     for name in ("erin", "frank"):
-        assert post_json(f"{token_server.http_url}/api/users", {"username": name, "password": PASSWORD}) == 201
+        assert http_request(f"{token_server.http_url}/api/users", {"username": name, "password": PASSWORD})[0] == 201
     erin_context, frank_context = browser.new_context(), browser.new_context()
     try:
         erin = signed_in_tab(browser, token_server, "erin", erin_context)
@@ -300,22 +263,11 @@ def test_in_token_mode_a_user_in_two_tabs_answers_in_one_and_the_other_stops_rin
         frank_context.close()
 
 
-def post_json(url: str, body: dict[str, Any]) -> int:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - a loopback test server
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
 def test_in_token_mode_the_page_signs_in_with_a_password(browser, tmp_path):
     env = {"SIGNALING_AUTH": "token", "SIGNALING_JWT_SECRET": "j" * 40, "SIGNALING_ALLOW_SIGNUP": "true"}
     with daphne_server(tmp_path, **env) as server:
         password = "a long and unusual passphrase"
-        assert post_json(f"{server.http_url}/api/users", {"username": "grace", "password": password}) == 201
+        assert http_request(f"{server.http_url}/api/users", {"username": "grace", "password": password})[0] == 201
         context = browser.new_context()
         try:
             page = context.new_page()

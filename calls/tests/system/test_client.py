@@ -1,17 +1,18 @@
-"""The signaling_client library against real daphne processes (and, for what a real
-server cannot be made to do on cue, small scripted websockets servers)."""
+"""Covers the signaling_client library (./client) against the whole server under daphne.
+
+What a real server cannot be made to do on cue is played by small scripted websockets servers.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import jwt
 import pytest
@@ -19,60 +20,9 @@ import signaling_client as sc
 from websockets.asyncio.server import ServerConnection, serve
 
 from calls.testing.servers import DaphneServer, daphne_server, migrate, server_env
+from calls.tests.netclient import TIMEOUT, Recorder, TcpProxy, call_row, server_rows, until_online
 
-E = TypeVar("E", bound=sc.Event)
-TIMEOUT = 10
 FAST = {"SIGNALING_PRESENCE_WINDOW_MS": "20"}
-
-
-class Recorder:
-    """Every event a client delivers, in order; `expect` finds the next one that matches."""
-
-    def __init__(self, client: sc.SignalingClient) -> None:
-        self.events: list[sc.Event] = []
-        self.cursor = 0
-        self._changed = asyncio.Event()
-        client.on(sc.Event, self._add)
-
-    def _add(self, event: sc.Event) -> None:
-        self.events.append(event)
-        self._changed.set()
-
-    async def expect(self, kind: type[E], timeout: float = TIMEOUT, **fields: Any) -> E:
-        """Return the next event of `kind` with these field values, passing over others."""
-        async with asyncio.timeout(timeout):
-            while True:
-                for index in range(self.cursor, len(self.events)):
-                    event = self.events[index]
-                    if isinstance(event, kind) and all(getattr(event, k) == v for k, v in fields.items()):
-                        self.cursor = index + 1
-                        return event
-                self._changed.clear()
-                await self._changed.wait()
-
-    def of(self, kind: type[E]) -> list[E]:
-        return [event for event in self.events if isinstance(event, kind)]
-
-
-ClientFactory = Callable[..., Awaitable[tuple[sc.SignalingClient, Recorder]]]
-
-
-@pytest.fixture
-async def open_client() -> AsyncIterator[ClientFactory]:
-    """Connect registered library clients (fast backoff); all are closed afterwards."""
-    opened: list[sc.SignalingClient] = []
-
-    async def factory(url: str, username: str, **options: Any) -> tuple[sc.SignalingClient, Recorder]:
-        options = {"backoff_initial": 0.1, "backoff_max": 0.5, **options}
-        client = sc.SignalingClient(url, username, f"id-{username}", **options)
-        recorder = Recorder(client)
-        opened.append(client)
-        await client.connect()
-        return client, recorder
-
-    yield factory
-    for client in opened:
-        await client.close()
 
 
 @pytest.fixture(scope="module")
@@ -82,24 +32,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         yield server
 
 
-def call_row(server: DaphneServer, call_id: str) -> tuple[str, str | None]:
-    db = server.env["DATABASE_URL"].removeprefix("sqlite:///")
-    with sqlite3.connect(db) as conn:
-        row = conn.execute(
-            "SELECT status, end_reason FROM calls_call WHERE id = ?", (call_id.replace("-", ""),)
-        ).fetchone()
-    assert row is not None, f"no call {call_id} in the database"
-    return row
-
-
-async def until_online(recorder: Recorder, *usernames: str) -> None:
-    """Wait for a presence update that lists every one of `usernames`."""
-    while not set(usernames) <= {u.username for u in (await recorder.expect(sc.OnlineUsers)).users}:
-        pass
-
-
 async def answered_call(caller: tuple[sc.SignalingClient, Recorder], callee: tuple[sc.SignalingClient, Recorder]):
-    """Ring `callee` from `caller` and accept; return the call id."""
+    """Ring `callee` from `caller` and accept, as library clients do; return the call id."""
     (a, a_events), (b, b_events) = caller, callee
     await until_online(a_events, b.username)
     call_id = await a.call(b.username)
@@ -198,12 +132,11 @@ async def test_calling_an_offline_user_fails_with_user_offline(server, open_clie
     assert failure.value.code == "user_offline"
     assert a_events.of(sc.Error)[-1].code == "user_offline"
     assert alice.calls == {}
-    db = server.env["DATABASE_URL"].removeprefix("sqlite:///")
-    with sqlite3.connect(db) as conn:
-        assert conn.execute(
-            "SELECT count(*) FROM calls_call c JOIN calls_signalinguser u ON c.callee_id = u.id "
-            "WHERE u.username = 'nobody5'"
-        ).fetchone() == (0,)
+    assert server_rows(
+        server,
+        "SELECT count(*) FROM calls_call c JOIN calls_signalinguser u ON c.callee_id = u.id WHERE u.username = ?",
+        "nobody5",
+    ) == [(0,)]
 
 
 async def test_ping_gets_a_pong_with_the_server_time(server, open_client):
@@ -291,57 +224,15 @@ async def test_the_client_reconnects_after_a_server_restart_and_calls_again(tmp_
         server.stop()
 
 
-class DroppingProxy:
-    """A TCP proxy on 127.0.0.1 whose connections the test cuts, as a failing network would."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.blocked = False
-        self.links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
-
-    async def __aenter__(self) -> DroppingProxy:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/"
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.cut()
-        self.server.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.blocked:
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.links.append((writer, up_writer))
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer), return_exceptions=True)
-
-    def cut(self) -> None:
-        """Reset every open connection at both ends."""
-        for down, up in self.links:
-            down.transport.abort()
-            up.transport.abort()
-        self.links.clear()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    finally:
-        writer.transport.abort()
-
-
 async def test_a_dropped_socket_resumes_the_session_and_its_call(server, open_client):
-    async with DroppingProxy(server.port) as proxy:
+    async with TcpProxy(server.port) as proxy:
         alice, a_events = await open_client(server.url, "alice8")
         bob, b_events = await open_client(proxy.url, "bob8")
         first = b_events.of(sc.Registered)[0]
         assert first.resume_token, "register with resume: true must return a resume_token"
         call_id = await answered_call((alice, a_events), (bob, b_events))
 
-        proxy.blocked = True
+        proxy.refusing = True
         proxy.cut()
         await b_events.expect(sc.Reconnecting, attempt=1)
         await a_events.expect(sc.PeerReconnecting, username="bob8", call_id=call_id)
@@ -349,7 +240,7 @@ async def test_a_dropped_socket_resumes_the_session_and_its_call(server, open_cl
         await alice.send_ice_candidate(call_id, gap_candidate)
         held_candidate = {"candidate": "candidate:2 1 udp 1 127.0.0.1 40002 typ host", "sdpMLineIndex": 0}
         await bob.send_ice_candidate(call_id, held_candidate)  # held by the client until the session is back
-        proxy.blocked = False
+        proxy.refusing = False
 
         resumed = await b_events.expect(sc.Registered, resumed=True)
         assert resumed.resume_token and resumed.resume_token != first.resume_token
@@ -379,7 +270,7 @@ async def test_token_auth_uses_a_fresh_token_on_every_registration(tmp_path, ope
             await open_client(server.url, "mallory", token="not-a-token")
         assert refused.value.code == "unauthorized"
 
-        async with DroppingProxy(server.port) as proxy:
+        async with TcpProxy(server.port) as proxy:
             client, events = await open_client(proxy.url, "dana", token=token)
             assert client.registered.username == "dana"
             proxy.cut()

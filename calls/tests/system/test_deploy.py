@@ -1,4 +1,4 @@
-"""The Render Blueprint deploys a server that is safe to expose.
+"""Covers the deploy of the whole server: the Render Blueprint (render.yaml) deploys a server that is safe to expose.
 
 Settings are loaded in a subprocess with exactly the environment a Render deploy
 gets from render.yaml (stand-ins for what Render generates or links), never
@@ -13,21 +13,29 @@ import json
 import secrets
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from calls.testing.servers import ROOT
+
 RENDER_HOSTNAME = "example.onrender.com"
 
 
 @pytest.fixture(scope="module")
-def web_env_vars() -> dict[str, dict[str, Any]]:
-    blueprint = yaml.safe_load((ROOT / "render.yaml").read_text())
+def blueprint() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "render.yaml").read_text())
+
+
+def web_service(blueprint: dict[str, Any]) -> dict[str, Any]:
     (web,) = [service for service in blueprint["services"] if service["type"] == "web"]
-    return {entry["key"]: entry for entry in web["envVars"]}
+    return web
+
+
+@pytest.fixture(scope="module")
+def web_env_vars(blueprint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {entry["key"]: entry for entry in web_service(blueprint)["envVars"]}
 
 
 def render_generated_value() -> str:
@@ -67,6 +75,49 @@ def run_in_deploy(env_vars: dict[str, dict[str, Any]], *args: str) -> subprocess
         text=True,
         timeout=120,
     )
+
+
+def test_the_blueprint_starts_bin_serve_and_checks_healthz(blueprint):
+    web = web_service(blueprint)
+    assert web["runtime"] == "python"
+    assert web["startCommand"] == "sh bin/serve"
+    assert web["healthCheckPath"] == "/healthz"
+    assert web["preDeployCommand"] == "python manage.py migrate --noinput"
+    assert "collectstatic --noinput" in web["buildCommand"]
+    assert "pip install --require-hashes -r requirements.lock" in web["buildCommand"]
+
+
+def test_the_blueprint_wires_its_database_and_key_value_instance(blueprint):
+    env = {entry["key"]: entry for entry in web_service(blueprint)["envVars"]}
+    (keyvalue,) = [service for service in blueprint["services"] if service["type"] == "keyvalue"]
+    (database,) = blueprint["databases"]
+
+    assert env["DATABASE_URL"]["fromDatabase"] == {"name": database["name"], "property": "connectionString"}
+    assert env["REDIS_URL"]["fromService"] == {
+        "type": "keyvalue",
+        "name": keyvalue["name"],
+        "property": "connectionString",
+    }
+    assert keyvalue["ipAllowList"] == []
+    assert env["DEBUG"]["value"] == "false"
+    assert env["SECRET_KEY"]["generateValue"] is True
+    assert env["SIGNALING_JWT_SECRET"]["generateValue"] is True
+    assert env["PYTHON_VERSION"]["value"].startswith("3.11.")
+
+
+def test_production_settings_load_with_the_blueprints_environment(web_env_vars):
+    """What Render passes at build and start time is enough for settings.py in production mode."""
+    script = (
+        "import json, os, django; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'signaling_project.settings');"
+        "from django.conf import settings; django.setup();"
+        "print(json.dumps([settings.DEBUG, settings.ALLOWED_HOSTS, settings.DATABASES['default']['ENGINE']]))"
+    )
+    result = run_in_deploy(web_env_vars, "-c", script)
+    assert result.returncode == 0, result.stderr
+    debug, hosts, engine = json.loads(result.stdout)
+    assert debug is False
+    assert hosts == ["calls.example.com", RENDER_HOSTNAME]
+    assert engine == "django.db.backends.postgresql"
 
 
 def test_the_blueprint_states_the_auth_mode_and_its_proxy(web_env_vars):

@@ -1,4 +1,4 @@
-"""Property-based fuzzing: 10,000 random and malformed frames through the real application.
+"""Covers the whole server against fuzzing: 10,000 random and malformed frames through the real application.
 
 Frames are text (JSON or not) drawn from all of Unicode, lone surrogates included,
 hand-written JSON carrying surrogate escapes, non-finite numbers, deep nesting and too
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from calls.process.runtime import Runtime
-from calls.tests.wsclient import Client
+from calls.tests.wsclient import Client, complete_call
 from calls.wire import protocol, text
 
 EXAMPLES = 100
@@ -159,19 +159,6 @@ frames = st.one_of(
     st.binary(min_size=1, max_size=60).map(lambda raw: raw.decode("latin1")),
     binary_frames,
 )
-
-
-async def complete_call(alice: Client, bob: Client) -> None:
-    await alice.send({"type": "call_request", "target_username": "bob"})
-    call_id = (await bob.expect("incoming_call"))["call_id"]
-    await bob.send({"type": "call_accepted", "call_id": call_id})
-    await alice.expect("call_accepted")
-    await alice.send({"type": "offer", "target_username": "bob", "data": {"sdp": "o"}})
-    await bob.expect("offer")
-    await bob.send({"type": "answer", "target_username": "alice", "data": {"sdp": "a"}})
-    await alice.expect("answer")
-    await alice.send({"type": "call_ended", "call_id": call_id})
-    assert (await bob.expect("call_ended"))["reason"] == "hangup"
 
 
 async def next_reply(client: Client, frame: str | bytes) -> dict:

@@ -1,85 +1,25 @@
-"""Two daphne processes over a real redis-server and PostgreSQL: users on different
-processes reach each other, share one online list, survive a Redis restart, and
-a killed process's users and calls are cleaned up by the survivor."""
+"""Covers the whole server as several processes: two daphne processes over a real redis-server and PostgreSQL.
+
+Users on different processes reach each other, share one online list, survive a
+Redis restart, and a killed process's users and calls are cleaned up by the survivor.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any
 
-import jwt
-import psycopg
 import pytest
-import websockets
 
-from calls.testing.servers import DaphneServer, server_env
-from calls.testing.services import RedisServer
-from calls.tests.conftest_services import start_service
+from calls.tests.netclient import TIMEOUT, Cluster, answered_call, ring, signal_both_ways, start_cluster
 
 pytestmark = pytest.mark.services
 
-# Informational messages `expect` passes over unless asked for one by name.
-SKIPPED_TYPES = {"online_users", "user_online", "user_offline", "call_ringing"}
-TIMEOUT = 10.0
 RING_TIMEOUT = "4"
-
-
-@dataclass
-class Cluster:
-    redis: RedisServer
-    database_url: str
-    a: DaphneServer
-    b: DaphneServer
-
-    def rows(self, sql: str, *params: Any) -> list[tuple]:
-        with psycopg.connect(self.database_url) as conn:
-            return conn.execute(sql, params).fetchall()
-
-    def call_row(self, call_id: str) -> tuple[str, str | None]:
-        [row] = self.rows("SELECT status, end_reason FROM calls_call WHERE id = %s", call_id)
-        return row
-
-    def stop(self) -> None:
-        for server in (self.a, self.b):
-            server.stop()
-        self.redis.close()
-
-
-def start_cluster(tmp_path: Path, postgres, **settings: str) -> Cluster:
-    """A redis-server, a fresh PostgreSQL database, and two daphne processes using both."""
-    redis = start_service(RedisServer)
-    database_url = postgres.new_database()
-    env = server_env(
-        tmp_path,
-        REDIS_URL=redis.url,
-        DATABASE_URL=database_url,
-        SIGNALING_PRESENCE_WINDOW_MS="20",
-        LOG_LEVEL="info",
-        **settings,
-    )
-    cluster = Cluster(redis, database_url, DaphneServer(env, tmp_path / "a.log"), DaphneServer(env, tmp_path / "b.log"))
-    try:
-        cluster.a.start()
-        cluster.b.start()
-    except Exception:
-        cluster.stop()
-        raise
-    return cluster
-
-
 # Token mode: where one user may have several devices (open mode allows one session per name).
 TOKEN_MODE = {"SIGNALING_AUTH": "token", "SIGNALING_JWT_SECRET": "multiprocess-test-secret-" + "x" * 24}
-
-
-def token_for(username: str) -> str:
-    """A registration token as a team's backend would mint it (HS256, stable user_id claim)."""
-    claims = {"sub": username, "user_id": f"id-{username}", "exp": datetime.now(UTC) + timedelta(hours=1)}
-    return jwt.encode(claims, TOKEN_MODE["SIGNALING_JWT_SECRET"], algorithm="HS256")
 
 
 @pytest.fixture(scope="module")
@@ -98,130 +38,6 @@ def pair(tmp_path_factory, postgres) -> Iterator[Cluster]:
     cluster = start_cluster(tmp_path_factory.mktemp("pair"), postgres, SIGNALING_RING_TIMEOUT=RING_TIMEOUT)
     yield cluster
     cluster.stop()
-
-
-class Peer:
-    """One real WebSocket client; `expect` passes over presence and ringing notices."""
-
-    def __init__(self, ws: websockets.ClientConnection, name: str) -> None:
-        self.ws = ws
-        self.name = name
-        # The usernames of the latest online_users list received (whoever read it), and its time.
-        self.online: set[str] | None = None
-        self.online_at: datetime | None = None
-
-    async def send(self, message: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(message))
-
-    async def receive(self, timeout: float = TIMEOUT) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            message = json.loads(await self.ws.recv())
-        if message["type"] == "online_users":
-            self.online = {user["username"] for user in message["users"]}
-            self.online_at = datetime.fromisoformat(message["timestamp"])
-        return message
-
-    async def expect(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
-        """Return the next message of type `kind`; fail on any other non-presence message."""
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await self.receive()
-                if message["type"] == kind:
-                    return message
-                assert message["type"] in SKIPPED_TYPES, f"{self.name}: expected {kind!r}, got {message!r}"
-
-    async def expect_error(self, code: str) -> None:
-        message = await self.expect("error")
-        assert message["code"] == code, message
-
-    async def expect_online(self, usernames: set[str], timeout: float = TIMEOUT, since: datetime | None = None) -> None:
-        """Wait until the latest online_users list (made after `since`) names exactly these users."""
-        async with asyncio.timeout(timeout):
-            while self.online != usernames or (since is not None and self.online_at <= since):
-                await self.expect("online_users")
-
-    async def nothing(self, quiet: float = 0.5) -> None:
-        """Assert that no message other than presence arrives within `quiet` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + quiet
-        while (remaining := deadline - loop.time()) > 0:
-            try:
-                message = await self.receive(remaining)
-            except TimeoutError:
-                return
-            assert message["type"] in SKIPPED_TYPES, f"{self.name}: unexpected {message!r}"
-
-    async def reply(self) -> dict[str, Any]:
-        """Return the next message that is not a presence or ringing notice."""
-        while (message := await self.receive())["type"] in SKIPPED_TYPES:
-            pass
-        return message
-
-    async def presence_of(self, username: str, timeout: float = TIMEOUT) -> list[str]:
-        """Return the delta types (user_online/user_offline) received until one names `username`, in order."""
-        seen = []
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await self.receive()
-                if message["type"] in {"user_online", "user_offline"}:
-                    seen.append(f"{message['type']} {message['username']}")
-                    if message["username"] == username:
-                        return seen
-                else:
-                    assert message["type"] in SKIPPED_TYPES, f"{self.name}: unexpected {message!r}"
-
-    async def register(self, username: str, user_id: str, **extra: Any) -> dict[str, Any]:
-        await self.send({"type": "register", "username": username, "user_id": user_id, **extra})
-        return await self.expect("registered")
-
-
-@pytest.fixture
-async def peers():
-    """Open clients on a given server; all are closed after the test."""
-    opened: list[Peer] = []
-
-    async def open_peer(server: DaphneServer, username: str | None = None, **extra: Any) -> Peer:
-        ws = await websockets.connect(server.url, open_timeout=TIMEOUT)
-        peer = Peer(ws, username or "anonymous")
-        opened.append(peer)
-        if username is not None:
-            if server.env.get("SIGNALING_AUTH") == "token":
-                extra.setdefault("token", token_for(username))
-            await peer.register(username, f"id-{username}", **extra)
-        return peer
-
-    yield open_peer
-    for peer in opened:
-        await peer.ws.close()
-
-
-async def ring(caller: Peer, callee_sessions: list[Peer], target: str) -> str:
-    await caller.send({"type": "call_request", "target_username": target})
-    ringing = await caller.expect("call_ringing")
-    for session in callee_sessions:
-        incoming = await session.expect("incoming_call")
-        assert incoming["call_id"] == ringing["call_id"] and incoming["caller_username"] == caller.name
-    return ringing["call_id"]
-
-
-async def answered_call(caller: Peer, callee: Peer) -> str:
-    call_id = await ring(caller, [callee], callee.name)
-    await callee.send({"type": "call_accepted", "call_id": call_id})
-    accepted = await caller.expect("call_accepted")
-    assert (accepted["call_id"], accepted["accepter_username"]) == (call_id, callee.name)
-    return call_id
-
-
-async def signal_both_ways(caller: Peer, callee: Peer, call_id: str) -> None:
-    offer = {"type": "offer", "sdp": "v=0\r\n"}
-    await caller.send({"type": "offer", "target_username": callee.name, "data": offer})
-    got = await callee.expect("offer")
-    assert (got["data"], got["from_username"], got["call_id"]) == (offer, caller.name, call_id)
-    await callee.send({"type": "answer", "target_username": caller.name, "data": {"type": "answer"}})
-    assert (await caller.expect("answer"))["from_username"] == callee.name
-    candidate = {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host", "sdpMLineIndex": 0}
-    await callee.send({"type": "ice_candidate", "target_username": caller.name, "data": candidate})
-    assert (await caller.expect("ice_candidate"))["data"] == candidate
 
 
 async def test_a_v1_call_flows_between_users_on_different_processes(pair, peers):
@@ -255,8 +71,8 @@ async def test_a_user_in_a_call_on_another_process_is_busy(pair, peers):
         busy = await erin.expect("call_rejected")
         assert (busy["rejecter_username"], busy["reason"]) == (target, "busy")
         assert pair.call_row(busy["call_id"]) == ("busy", "busy")
-    await carl.nothing(0.3)
-    await dora.nothing(0.3)
+    await carl.nothing()
+    await dora.nothing()
     assert pair.call_row(call_id) == ("answered", None)
 
 
@@ -272,8 +88,8 @@ async def test_an_unanswered_call_across_processes_times_out_for_both(pair, peer
         assert (ended["call_id"], ended["reason"], ended["from_username"]) == (call_id, "timeout", peer)
     assert pair.call_row(call_id) == ("missed", "timeout")
     # The answered call's timer fired first; it left the call alone.
-    await sam.nothing(0.2)
-    await tess.nothing(0.2)
+    await sam.nothing()
+    await tess.nothing()
     assert pair.call_row(answered) == ("answered", None)
 
 
@@ -308,7 +124,7 @@ async def test_devices_on_both_processes_ring_and_only_the_answering_one_gets_si
     await phone.nothing()
     await jon.send({"type": "call_ended", "call_id": call_id})
     assert (await laptop.expect("call_ended"))["reason"] == "hangup"
-    await phone.nothing(0.3)
+    await phone.nothing()
     assert token_pair.call_row(call_id) == ("completed", "hangup")
 
 
@@ -335,7 +151,7 @@ async def test_devices_on_both_processes_answering_at_once_give_exactly_one_answ
     offer = await winner.reply()
     assert (offer["type"], offer["data"]) == ("offer", {"sdp": "o"})
     await loser.nothing()
-    await lea.nothing(0.3)
+    await lea.nothing()
     assert token_pair.call_row(call_id) == ("answered", None)
     assert token_pair.rows(
         "SELECT count(*) FROM calls_callevent WHERE call_id = %s AND new_status = 'answered'", call_id

@@ -1,4 +1,7 @@
-"""A client that stops reading is cut off; everybody else carries on (real daphne)."""
+"""Covers the whole server with a client that stops reading: it is cut off, everybody else carries on (real daphne).
+
+The cut itself is the send-buffer cap in calls/server/daphne.py.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import struct
 import websockets
 
 from calls.testing.servers import daphne_server
+from calls.tests.netclient import register
 
 LONG_ID = "i" * 128
 
@@ -37,10 +41,10 @@ def stuck_client(port: int) -> socket.socket:
     return sock
 
 
-async def register(url: str, username: str) -> websockets.ClientConnection:
+async def signed_in(url: str, username: str) -> websockets.ClientConnection:
+    """A socket registered as `username`, with a long user_id: every list it is in is large."""
     ws = await websockets.connect(url)
-    await ws.send(json.dumps({"type": "register", "username": username, "user_id": LONG_ID}))
-    assert json.loads(await ws.recv())["type"] == "registered"
+    await register(ws, username, LONG_ID)
     return ws
 
 
@@ -60,7 +64,7 @@ async def test_a_client_that_stops_reading_is_disconnected_while_hundreds_sign_i
         # The stuck client speaks just enough WebSocket to register, then never reads
         # again; its kernel buffer is tiny, so what the server sends piles up there.
         stuck = stuck_client(server.port)
-        observer = await register(server.url, "observer")
+        observer = await signed_in(server.url, "observer")
         stuck_listed = asyncio.Event()
         stuck_gone = asyncio.Event()
 
@@ -76,11 +80,11 @@ async def test_a_client_that_stops_reading_is_disconnected_while_hundreds_sign_i
         async with asyncio.timeout(180):
             # 150 users stay online, so every list is large; then others churn in and
             # out, and each change is another large list for the stuck client.
-            resident = [await register(server.url, f"resident-{i}-" + "n" * 48) for i in range(150)]
+            resident = [await signed_in(server.url, f"resident-{i}-" + "n" * 48) for i in range(150)]
             batch = 0
             while "dropping client" not in server.logs():  # bounded by the timeout above
                 batch += 1
-                churn = [await register(server.url, f"churn-{batch}-{i}") for i in range(10)]
+                churn = [await signed_in(server.url, f"churn-{batch}-{i}") for i in range(10)]
                 for client in churn:
                     await client.close()
             await stuck_gone.wait()
@@ -89,7 +93,7 @@ async def test_a_client_that_stops_reading_is_disconnected_while_hundreds_sign_i
             ws.transport.abort()
 
         # The server still serves everyone else.
-        late = await register(server.url, "late")
+        late = await signed_in(server.url, "late")
         async with asyncio.timeout(10):
             while await online_names(late) != {"observer", "late"}:
                 pass

@@ -1,16 +1,18 @@
-"""A real daphne process and a plain `websockets` client, as a client in the field."""
+"""Covers the whole server under daphne as a v1 client in the field meets it: the page, the socket, a call.
+
+One real daphne process and plain `websockets` clients.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 
 import pytest
 import websockets
 
 from calls.testing.servers import daphne_server
-from calls.tests.wire import recv_type
+from calls.tests.netclient import http_request, recv_type, register, server_rows, still_answers
 
 
 @pytest.fixture
@@ -19,7 +21,7 @@ def server(tmp_path):
         yield server
 
 
-async def test_a_v1_client_completes_a_call_against_daphne(server, tmp_path):
+async def test_a_v1_client_completes_a_call_against_daphne(server):
     async with websockets.connect(server.url) as alice, websockets.connect(server.url) as bob:
         await alice.send(json.dumps({"type": "register", "username": "alice", "user_id": "u-a"}))
         assert json.loads(await alice.recv()) == {
@@ -53,23 +55,15 @@ async def test_a_v1_client_completes_a_call_against_daphne(server, tmp_path):
         await alice.send(json.dumps({"type": "call_ended", "target_username": "bob"}))
         assert (await recv_type(bob, "call_ended"))["from_username"] == "alice"
 
-    rows = sqlite3.connect(tmp_path / "server.sqlite3").execute("SELECT status, end_reason FROM calls_call").fetchall()
-    assert rows == [("completed", "hangup")]
+    assert server_rows(server, "SELECT status, end_reason FROM calls_call") == [("completed", "hangup")]
 
 
 async def test_http_get_of_root_does_not_break_the_websocket_route(server):
+    status, headers, page = await asyncio.to_thread(http_request, f"{server.http_url}/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "<title>Video calls · test page</title>" in page.decode()
+    # The same path, on the same port, still upgrades to the signaling socket.
     async with websockets.connect(server.url.rstrip("/")) as ws:
-        await ws.send(json.dumps({"type": "ping"}))
-        assert json.loads(await ws.recv())["type"] == "pong"
-
-
-async def test_a_socket_that_never_registers_is_closed_with_1008_on_the_wire(tmp_path):
-    # autobahn refuses application close codes other than 1000 and 3000-4999, and daphne
-    # then drops the connection without a close frame; the server sends 1008 itself.
-    with daphne_server(tmp_path, SIGNALING_REGISTER_TIMEOUT="0.3") as server:
-        ws = await websockets.connect(server.url)
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            async with asyncio.timeout(5):
-                while True:
-                    await ws.recv()
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        await register(ws, "alice", "u-a")
+        await still_answers(ws)
+    assert server_rows(server, "SELECT username, user_id FROM calls_signalinguser") == [("alice", "u-a")]

@@ -1,4 +1,4 @@
-"""The parser alone: every frame becomes a message or a SignalingError with its code."""
+"""Covers calls.wire.protocol and the calls.wire.text rules it applies: every frame becomes a message or a SignalingError with its code."""
 
 from __future__ import annotations
 

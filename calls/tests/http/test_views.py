@@ -1,4 +1,4 @@
-"""GET /api/ice-servers: who may have the ICE servers and fresh TURN credentials.
+"""Covers calls.http.views: the test page, and GET /api/ice-servers (who may have the ICE servers and TURN credentials).
 
 Token mode: a valid bearer token; the TURN credentials are for its subject.
 Open mode: nobody, since a username and user_id prove nothing there (every client
@@ -14,8 +14,6 @@ import hashlib
 import hmac
 import json
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
@@ -23,6 +21,7 @@ from django.test import AsyncClient
 
 from calls.realtime.security import mint_token
 from calls.testing.servers import daphne_server
+from calls.tests.netclient import http_request
 
 TURN_URL = "turn:127.0.0.1:3478?transport=udp"
 TURN_SECRET = "turn-secret-for-tests"
@@ -125,16 +124,9 @@ async def test_the_api_answers_get_only(turn):
     assert response.status_code == 405
 
 
-def http_request(url: str, body: dict[str, Any] | None = None, **headers: str) -> tuple[int, dict[str, Any]]:
-    data = json.dumps(body).encode() if body is not None else None
-    if data is not None:
-        headers["Content-Type"] = "application/json"
-    request = urllib.request.Request(url, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - a loopback test server
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+def json_request(url: str, body: dict[str, Any] | None = None, **headers: str) -> tuple[int, dict[str, Any]]:
+    status, _, answer = http_request(url, body, **headers)
+    return status, json.loads(answer)
 
 
 async def test_daphne_hands_ice_servers_to_the_holder_of_a_token_from_the_api(tmp_path):
@@ -148,13 +140,22 @@ async def test_daphne_hands_ice_servers_to_the_holder_of_a_token_from_the_api(tm
     }
     with daphne_server(tmp_path, **env) as server:
         ice_url = f"{server.http_url}/api/ice-servers"
-        status, body = await asyncio.to_thread(http_request, ice_url)
+        status, body = await asyncio.to_thread(json_request, ice_url)
         assert (status, body["error"]) == (401, "unauthorized")
         account = {"username": "grace", "password": "a long and unusual passphrase"}
-        assert (await asyncio.to_thread(http_request, f"{server.http_url}/api/users", account))[0] == 201
-        status, issued = await asyncio.to_thread(http_request, f"{server.http_url}/api/token", account)
+        assert (await asyncio.to_thread(json_request, f"{server.http_url}/api/users", account))[0] == 201
+        status, issued = await asyncio.to_thread(json_request, f"{server.http_url}/api/token", account)
         assert status == 200
-        status, body = await asyncio.to_thread(http_request, ice_url, Authorization=f"Bearer {issued['token']}")
+        status, body = await asyncio.to_thread(json_request, ice_url, Authorization=f"Bearer {issued['token']}")
         assert status == 200
         (turn,) = body["ice_servers"]
         assert turn["urls"] == [TURN_URL] and turn["username"].endswith(":grace")
+
+
+async def test_the_page_is_served_with_a_policy_that_lets_it_reach_only_its_own_socket():
+    response = await AsyncClient().get("/")
+    assert response.status_code == 200
+    assert b"<title>Video calls" in response.content
+    policy = response["Content-Security-Policy"]
+    assert "connect-src 'self' ws://testserver wss://testserver" in policy
+    assert "frame-ancestors 'none'" in policy
