@@ -1,6 +1,6 @@
 """The call state machine: statuses, end reasons and the allowed transitions.
 
-Pure code. `lifecycle.py` applies these transitions to the database; nothing
+Pure code. `calls/callflow/store.py` applies these transitions to the database; nothing
 else changes a call's status.
 """
 
