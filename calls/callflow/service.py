@@ -112,10 +112,6 @@ class CallService:
         """Point a resumed session's live calls at its new channel; return their state now."""
         return await database_sync_to_async(call_store.move_session)(old, new, list(call_ids))
 
-    async def ringing_for(self, username: str) -> list[CallRecord]:
-        """The calls ringing for a user now (a device that just registered rings for them too)."""
-        return await database_sync_to_async(call_store.ringing_records_to)(username)
-
     async def history(self, username: str, limit: int, session: str | None, since: datetime | None) -> list[dict]:
         return await database_sync_to_async(call_store.call_history)(username, limit, session, since)
 

@@ -122,8 +122,12 @@ def _locked_live_call(call_id: str) -> Call | None:
     )
 
 
-def touch_users(users: dict[str, str]) -> None:
-    """Record that these users (username -> user_id) registered now, in one statement."""
+def touch_users(users: dict[str, str]) -> dict[str, list[CallRecord]]:
+    """Record that these users (username -> user_id) registered now, in one statement.
+
+    Return the calls ringing for each of them (a device that registers rings for
+    those too): one more query for the whole batch, not one per registration.
+    """
     now = timezone.now()
     # One INSERT ... ON CONFLICT statement instead of a locked read and a write per user.
     # Rows in username order: two processes writing overlapping batches lock them in
@@ -137,6 +141,15 @@ def touch_users(users: dict[str, str]) -> None:
         unique_fields=["username"],
         update_fields=["user_id", "last_seen"],
     )
+    ringing: dict[str, list[CallRecord]] = {username: [] for username in users}
+    calls = (
+        Call.objects.filter(status=CallStatus.RINGING, callee__username__in=list(users))
+        .select_related("caller", "callee")
+        .order_by("created_at")
+    )
+    for call in calls:
+        ringing[call.callee.username].append(CallRecord.of(call))
+    return ringing
 
 
 def start_call(caller: Actor, callee_username: str, ring_timeout: float, pushed: bool = False) -> CallRecord:
@@ -291,16 +304,6 @@ def end_calls_of_lost_sessions(sessions: Iterable[Actor], online: set[str]) -> l
     for session in sessions:
         ended += end_calls_of_session(session, went_offline=session.username not in online)
     return ended
-
-
-def ringing_records_to(username: str) -> list[CallRecord]:
-    """The calls ringing for `username` now, oldest first (a device that just registered rings for them)."""
-    calls = (
-        Call.objects.filter(status=CallStatus.RINGING, callee__username=username)
-        .select_related("caller", "callee")
-        .order_by("created_at")
-    )
-    return [CallRecord.of(call) for call in calls]
 
 
 def ringing_calls_to(username: str) -> list[str]:

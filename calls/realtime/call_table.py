@@ -18,7 +18,7 @@ from django.conf import settings
 
 from calls.callflow.live import LiveCall
 from calls.callflow.states import EndReason
-from calls.callflow.store import Actor
+from calls.callflow.store import Actor, CallRecord
 from calls.observability import metrics
 from calls.presence.base import SessionInfo
 from calls.realtime.sessions import Services
@@ -143,9 +143,9 @@ class CallTable:
         calls = await party.services.calls.history(party.session.username, message.limit, session, since)
         await party.send_json(protocol.call_history(calls))
 
-    async def ring_waiting(self) -> None:
+    async def ring_waiting(self, ringing: list[CallRecord]) -> None:
         """A session just registered: ring it for the calls already ringing for its user (a device woken by push)."""
-        for record in await self.party.services.calls.ringing_for(self.party.session.username):
+        for record in ringing:
             if record.call_id not in self.calls:
                 await self.call_incoming(
                     events.call_incoming(

@@ -246,7 +246,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.became(session, message.presence == "delta")
         await self.channel_layer.group_add(user_group(username), self.channel_name)
         # Before the reply: once a client is registered, a call to it on any process finds its row.
-        await self.services.users.touch(username, user_id)
+        ringing = await self.services.users.touch(username, user_id)
         logger.info(
             "session registered", extra={"session": self.channel_name, "user": username, "device": self.device_id}
         )
@@ -254,7 +254,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             self.resumption.issue_token()
         await self.send_registered()
         self.services.sessions.listen(self)
-        await self.table.ring_waiting()
+        await self.table.ring_waiting(ringing)
         if came_online:
             await self.services.presence_changed()
 
