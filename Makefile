@@ -18,7 +18,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
 
-# The lock files are installed in hash-checking mode. The client library in ./client is
+# The lock files are installed in hash-checking mode. The client library in ./clients/python is
 # local (nothing to hash): it is installed on its own, without dependencies (its one
 # dependency, websockets, is in requirements.lock).
 install: $(BIN)/python  ## Create .venv and install the server's dependencies (requirements.lock).
@@ -26,11 +26,11 @@ install: $(BIN)/python  ## Create .venv and install the server's dependencies (r
 
 install-echo: install  ## Also install the echo bot's: aiortc and the client library.
 	$(BIN)/pip install --quiet --require-hashes -r requirements-echo.lock
-	$(BIN)/pip install --quiet --no-deps -e ./client
+	$(BIN)/pip install --quiet --no-deps -e ./clients/python
 
 install-dev: $(BIN)/python  ## Install the server, echo bot, test and client-library dependencies.
 	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
-	$(BIN)/pip install --quiet --no-deps -e ./client
+	$(BIN)/pip install --quiet --no-deps -e ./clients/python
 
 # Each lock is compiled against the ones before it (the .in files say -c), so a package
 # has one version in all three. Existing pins are kept unless the .in files need others;
@@ -60,6 +60,15 @@ format: install-dev
 
 test: system-packages install-dev lint  ## Set up and run every test.
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/run-tests.sh
+
+.PHONY: protocol-docs protocol-deps
+protocol-docs: install-dev  ## Render docs/protocol.md from the protocol spec, protocol/asyncapi.yaml.
+	$(BIN)/python -m protocol.render
+
+# The reference AsyncAPI parser (pinned in protocol/package-lock.json), which the tests run
+# on the spec (protocol/validate.mjs). Needs node 20 and npm.
+protocol-deps:  ## Install the AsyncAPI parser that validates protocol/asyncapi.yaml.
+	npm ci --prefix protocol --ignore-scripts --no-audit --no-fund
 
 bench: system-packages install-dev  ## Run the benchmarks and print their figures.
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench

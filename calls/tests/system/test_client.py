@@ -1,4 +1,4 @@
-"""Covers the signaling_client library (./client) against the whole server under daphne.
+"""Covers the signaling_client library (./clients/python) against the whole server under daphne.
 
 What a real server cannot be made to do on cue is played by small scripted websockets servers.
 """
@@ -318,7 +318,7 @@ async def test_unknown_and_malformed_messages_do_not_break_the_client(open_clien
             await ws.send(json.dumps({"type": "pong", "server_time": "2026-01-01T00:00:00+00:00"}))
 
     async with scripted_server(script) as url:
-        client, events = await open_client(url, "ann", ping_interval=None)
+        client, events = await open_client(url, "ann", scripted=True, ping_interval=None)
         unknown = await events.expect(sc.UnknownEvent)
         assert (unknown.type, unknown.raw["detail"]) == ("from_the_future", {"x": 1})
         incoming = await events.expect(sc.IncomingCall)
@@ -355,7 +355,7 @@ async def test_a_missing_pong_drops_the_socket_and_resumes_with_held_messages(op
                 await ws.send(json.dumps({"type": "pong", "server_time": "t"}))
 
     async with scripted_server(script) as url:
-        client, events = await open_client(url, "ann", ping_interval=0.1, ping_timeout=0.3)
+        client, events = await open_client(url, "ann", scripted=True, ping_interval=0.1, ping_timeout=0.3)
         await events.expect(sc.IncomingCall, call_id=call_id)
         await client.accept(call_id)
         answer_pings.clear()
@@ -402,7 +402,7 @@ async def test_a_refused_resume_registers_afresh_and_reports_the_lost_call(open_
         await ws.wait_closed()
 
     async with scripted_server(script) as url:
-        client, events = await open_client(url, "ann", ping_interval=None)
+        client, events = await open_client(url, "ann", scripted=True, ping_interval=None)
         await events.expect(sc.IncomingCall, call_id=call_id)
         await client.accept(call_id)
         lost = await events.expect(sc.CallEnded, call_id=call_id)
@@ -426,7 +426,7 @@ async def test_a_refused_registration_on_reconnect_closes_the_client(open_client
         await ws.wait_closed()
 
     async with scripted_server(script) as url:
-        client, events = await open_client(url, "ann", ping_interval=None)
+        client, events = await open_client(url, "ann", scripted=True, ping_interval=None)
         closed = await events.expect(sc.Closed)
         assert closed.reason == "unauthorized"
         assert client.closed and not client.connected

@@ -1,4 +1,4 @@
-"""Covers the push side of the signaling_client library (./client) against daphne.
+"""Covers the push side of the signaling_client library (./clients/python) against daphne.
 
 `subscribe_push` and `unsubscribe_push`, `Registered.vapid_public_key` and
 `CallRinging.push`, on a real server in token mode with a VAPID key. The browser's
@@ -108,7 +108,7 @@ async def test_subscribing_a_platform_the_server_does_not_push_to_raises_push_un
 
 
 async def test_an_invalid_subscription_raises_invalid_message(server, open_client):
-    client, _ = await open_client(server, "abel")
+    client, _ = await open_client(server, "abel", malformed=True)
     with pytest.raises(sc.SignalingError) as refusal:
         await client.subscribe_push("webpush", subscription={"endpoint": "http://127.0.0.1:9/push/abel", "keys": {}})
     assert refusal.value.code == "invalid_message"
