@@ -58,7 +58,7 @@ format: install-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: system-packages install-dev lint  ## Set up and run every test.
+test: system-packages install-dev protocol-deps lint  ## Set up and run every test.
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/run-tests.sh
 
 .PHONY: protocol-docs protocol-deps

@@ -164,7 +164,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
-STATICFILES_DIRS = [BASE_DIR / "static"]
+STATICFILES_DIRS = [BASE_DIR / "static", ("signaling-client", BASE_DIR / "clients" / "js" / "src")]
 # WhiteNoise serves the test page's files from daphne itself, straight from the
 # app folders, so no collectstatic step is needed to run.
 WHITENOISE_USE_FINDERS = True
@@ -209,6 +209,11 @@ SIGNALING_REAPER_INTERVAL = env_float("SIGNALING_REAPER_INTERVAL", 5.0, minimum=
 SIGNALING_PRESENCE_TTL = env_float("SIGNALING_PRESENCE_TTL", 30.0, minimum=0.5)
 # Milliseconds over which presence changes are coalesced into one broadcast.
 SIGNALING_PRESENCE_WINDOW_MS = env_int("SIGNALING_PRESENCE_WINDOW_MS", 200, minimum=0)
+# "global" (v1): every session may follow everyone online. "watch": sessions follow only
+# the users on their watch lists, and v1 clients get an empty online_users list.
+SIGNALING_PRESENCE_SCOPE = env_choice("SIGNALING_PRESENCE_SCOPE", "global", ("global", "watch"))
+# Users one session may watch.
+SIGNALING_WATCH_LIMIT = env_int("SIGNALING_WATCH_LIMIT", 1000, minimum=1)
 # "open" (v1: username held by its user_id) or "token" (JWT on register).
 SIGNALING_AUTH = env_choice("SIGNALING_AUTH", "open", ("open", "token"))
 SIGNALING_JWT_SECRET = env_str("SIGNALING_JWT_SECRET")

@@ -9,4 +9,5 @@ urlpatterns = [
     path("sw.js", views.service_worker, name="service-worker"),
     path("healthz", views.healthz, name="healthz"),
     path("api/ice-servers", views.ice_servers, name="ice-servers"),
+    path("api/protocol/asyncapi.yaml", views.protocol_spec, name="protocol-spec"),
 ]

@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 # Served from the site's root, not /static/: a worker controls only pages under its own path.
 SERVICE_WORKER = settings.BASE_DIR / "static" / "calls" / "sw.js"
+# The wire protocol's machine-readable spec, the one source of docs/protocol.md.
+PROTOCOL_SPEC = settings.BASE_DIR / "protocol" / "asyncapi.yaml"
 
 
 @require_GET
@@ -59,6 +61,15 @@ def service_worker(request: HttpRequest) -> HttpResponse:
     # Browsers check for a new worker on every visit; `no-cache` makes them ask the server.
     response["Cache-Control"] = "no-cache"
     response["Content-Security-Policy"] = "default-src 'self'"
+    return response
+
+
+@require_GET
+def protocol_spec(request: HttpRequest) -> HttpResponse:
+    """Serve the wire protocol's AsyncAPI spec, for client generators and SDK authors."""
+    response = HttpResponse(PROTOCOL_SPEC.read_bytes(), content_type="application/yaml; charset=utf-8")
+    # A public document: tools in a browser (AsyncAPI Studio, generators) may fetch it from any site.
+    response["Access-Control-Allow-Origin"] = "*"
     return response
 
 

@@ -29,8 +29,10 @@ from django.utils import timezone
 from calls.callflow.store import Actor
 from calls.observability import metrics
 from calls.presence.base import SessionInfo
+from calls.presence.hub import FULL
 from calls.realtime import push_subscriptions
 from calls.realtime.call_table import CallTable
+from calls.realtime.following import change_watch, presence_mode
 from calls.realtime.groups import user_group
 from calls.realtime.ice import ice_servers_for
 from calls.realtime.identity import join_presence
@@ -39,6 +41,7 @@ from calls.realtime.security import TokenInvalid, new_bucket, scope_client_addre
 from calls.realtime.sessions import PROBE_TIMEOUT, Services
 from calls.wire import events, protocol, push
 from calls.wire.errors import SignalingError
+from calls.wire.presence import Watch
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.services_of_loop = services
         self.session: SessionInfo | None = None
         self.device_id = ""
-        self.delta_presence = False
+        self.presence_mode = FULL
+        self.watching: tuple[str, ...] = ()
         self.draining = False
         self.table = CallTable(self)
         self.resumption = Resumption(self)
@@ -218,6 +222,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
                 await push_subscriptions.subscribe(self, message)
             case push.PushUnsubscribe():
                 await push_subscriptions.unsubscribe(self, message)
+            case Watch():
+                await change_watch(self, message)
 
     # --- Registration ---------------------------------------------------
 
@@ -238,12 +244,13 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             await self.send_registered()
             return
         self.device_id = message.device_id or ""
+        mode = presence_mode(message)
         if message.resume_token is not None:
             self.resumption.request(message.resume_token, username, user_id)
             return
         session = SessionInfo(self.channel_name, username, user_id)
         came_online = await join_presence(self.services, session)
-        self.became(session, message.presence == "delta")
+        self.became(session, mode, message.watch or ())
         await self.channel_layer.group_add(user_group(username), self.channel_name)
         # Before the reply: once a client is registered, a call to it on any process finds its row.
         ringing = await self.services.users.touch(username, user_id)
@@ -258,11 +265,11 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if came_online:
             await self.services.presence_changed()
 
-    def became(self, session: SessionInfo, delta: bool) -> None:
+    def became(self, session: SessionInfo, presence_mode: str, watching: tuple[str, ...]) -> None:
         """This socket now holds `session` (registered, or taken over): list it here."""
         self.session = session
         self.registered_at = timezone.now()
-        self.delta_presence = delta
+        self.presence_mode, self.watching = presence_mode, watching
         self.register_deadline.cancel()
         if self.pending:
             self.pending = False
@@ -345,13 +352,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.resumption.cancel_pending()
         if self.session is not None:
             self.services.sessions.socket_lost(self.channel_name)
-            if event["carry"] and self.resumption.enabled:
-                await self.table.send_to_peers(
-                    lambda call: events.call_peer_reconnecting(call.call_id, self.session.username)
-                )
-                await self.resumption.park([], 0, settings.SIGNALING_RESUME_GRACE)
-            else:
-                await self.end_session(protocol.CLOSE_SERVICE_RESTART)
+            await self.resumption.park_or_end(event["carry"])
             self.session = None
         # The consumer ends when the client answers the close (or daphne gives up on it).
         self.draining = True

@@ -90,7 +90,8 @@ class ResumableSocket(Protocol):
     services: Services
     session: SessionInfo | None
     device_id: str
-    delta_presence: bool
+    presence_mode: str
+    watching: tuple[str, ...]
     table: CallTable
 
     async def send_json(self, content: dict[str, Any]) -> None: ...
@@ -100,7 +101,7 @@ class ResumableSocket(Protocol):
     async def end_session(self, code: int) -> None: ...
     def post(self, event: dict[str, Any]) -> None: ...
     def socket_gone(self) -> None: ...
-    def became(self, session: SessionInfo, delta: bool) -> None: ...
+    def became(self, session: SessionInfo, presence_mode: str, watching: tuple[str, ...]) -> None: ...
 
 
 class Resumption:
@@ -143,7 +144,8 @@ class Resumption:
             calls=[asdict(call) for call in socket.table.calls.values()],
             queued=queued,
             dropped=dropped,
-            delta=socket.delta_presence,
+            presence=socket.presence_mode,
+            watch=list(socket.services.sessions.hub.watched(socket.channel_name) or socket.watching),
         )
 
     # --- Hold: the socket dropped --------------------------------------
@@ -275,7 +277,9 @@ class Resumption:
         )
         socket.device_id = event.get("device_id") or socket.device_id
         known = [LiveCall(**call) for call in event["calls"]]
-        socket.became(session, event["delta"])
+        # A session parked by an older process says only whether it took deltas.
+        mode = event.get("presence") or ("delta" if event.get("delta") else "full")
+        socket.became(session, mode, tuple(event.get("watch", ())))
         await socket.channel_layer.group_add(user_group(session.username), socket.channel_name)
         records = await services.calls.move_session(old_channel, socket.channel_name, [c.call_id for c in known])
         await services.store.leave(old_channel)
@@ -316,6 +320,16 @@ class Resumption:
             )
 
     # --- Shutdown: park the session for another process ----------------
+
+    async def park_or_end(self, carry: bool) -> None:
+        """The process shuts down under a live session: park it if another process can carry it, else end it."""
+        socket = self.socket
+        if carry and self.enabled:
+            username = socket.session.username
+            await socket.table.send_to_peers(lambda call: events.call_peer_reconnecting(call.call_id, username))
+            await self.park([], 0, settings.SIGNALING_RESUME_GRACE)
+        else:
+            await socket.end_session(protocol.CLOSE_SERVICE_RESTART)
 
     async def park(self, queued: list[dict[str, Any]], dropped: int, grace: float) -> None:
         """Leave the session in the shared store for a socket on another process to resume."""

@@ -42,8 +42,10 @@ class Session(Protocol):
     channel_name: str
     # None until it registers (and after it ended or moved).
     session: SessionInfo | None
-    # Presence as deltas after a first full list, instead of a full list every time.
-    delta_presence: bool
+    # How it follows presence: "full" (v1 lists), "delta" or "watch" (calls/presence/hub.py),
+    # and the users it watches.
+    presence_mode: str
+    watching: tuple[str, ...]
 
     def enqueue(self, event: dict[str, Any]) -> bool:
         """Queue an event for the consumer; False when its inbox is full."""
@@ -117,7 +119,7 @@ class SessionRegistry:
 
     def listen(self, consumer: Session) -> None:
         """Send the session presence from the next broadcast on (after its `registered`)."""
-        self.hub.listen(consumer.channel_name, consumer.send_text, consumer.delta_presence)
+        self.hub.listen(consumer.channel_name, consumer.send_text, consumer.presence_mode, consumer.watching)
 
     def socket_lost(self, channel: str) -> None:
         """The session's socket is gone but the session is held (for a resume): no more presence."""

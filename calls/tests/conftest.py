@@ -45,7 +45,7 @@ from calls.realtime.security import mint_token
 from calls.realtime.sessions import SessionRegistry
 from calls.testing.servers import DaphneServer
 from calls.testing.services import PostgresServer, RedisServer, in_ci
-from calls.tests.netclient import TIMEOUT, Peer, Recorder, start_service, token_for
+from calls.tests.netclient import TIMEOUT, Peer, Recorder, checked_connection, start_service, token_for
 from calls.tests.wsclient import Client
 
 # --- The database, and the `database` marker ---------------------------------------------
@@ -193,16 +193,25 @@ async def open_client():
     """Connect registered signaling_client library clients; all are closed afterwards.
 
     Each connects to a daphne process (on one in token mode, with a token minted with its
-    secret) or to a URL, and reconnects with a fast backoff (0.1 s to 0.5 s).
+    secret) or to a URL, and reconnects with a fast backoff (0.1 s to 0.5 s). Every frame
+    each one sends must conform to protocol/asyncapi.yaml, unless `malformed` (the test makes
+    it send a malformed message on purpose), and every frame it receives, unless `scripted`
+    (a stand-in server that sends what it likes): the test fails otherwise.
     """
     opened: list[sc.SignalingClient] = []
+    violations: list[str] = []
 
-    async def factory(target: DaphneServer | str, username: str, **options: Any) -> tuple[sc.SignalingClient, Recorder]:
+    async def factory(
+        target: DaphneServer | str, username: str, *, scripted: bool = False, malformed: bool = False, **options: Any
+    ) -> tuple[sc.SignalingClient, Recorder]:
         url = target
         if isinstance(target, DaphneServer):
             url = target.url
             if target.env.get("SIGNALING_AUTH") == "token":
                 options.setdefault("token", token_for(username, target.env["SIGNALING_JWT_SECRET"]))
+        options.setdefault(
+            "create_connection", checked_connection(violations, sent=not malformed, received=not scripted)
+        )
         client = sc.SignalingClient(
             url, username, f"id-{username}", **{"backoff_initial": 0.1, "backoff_max": 0.5, **options}
         )
@@ -214,6 +223,7 @@ async def open_client():
     yield factory
     for client in opened:
         await client.close()
+    assert violations == [], "frames that do not conform to protocol/asyncapi.yaml:\n" + "\n".join(violations)
 
 
 # --- A browser ------------------------------------------------------------------------------------

@@ -4,10 +4,12 @@ Its in-process counterpart is calls/tests/wsclient.py. Here:
 
 - `Peer`: one plain `websockets` connection and the name it registers; `expect` returns the
   next message of a type and fails on any other (presence and ringing notices aside). The
-  functions `recv_type`, `send`, `register`, ... do the same for a bare socket.
+  functions `recv_type`, `send`, `register`, ... do the same for a bare socket. Every message
+  a `Peer` receives must conform to protocol/asyncapi.yaml (calls/tests/conformance.py).
 - `ring`, `answered_call`, `signal_both_ways`: a call between peers, step by step.
 - `RawClient` and `TcpProxy`: frames no well-behaved client sends, links that fail.
-- `Recorder`: the events a `signaling_client.SignalingClient` delivers.
+- `Recorder`: the events a `signaling_client.SignalingClient` delivers; `checked_connection`:
+  its socket, checking every frame both ways against protocol/asyncapi.yaml.
 - `start_cluster`: two daphne processes over one redis-server and one PostgreSQL database.
 - `http_request`; `server_rows` and `call_row`: what a daphne process's SQLite database holds.
 """
@@ -29,9 +31,11 @@ import psycopg
 import pytest
 import signaling_client as sc
 import websockets
+from websockets.asyncio.client import ClientConnection
 
 from calls.testing.servers import DaphneServer, server_env
 from calls.testing.services import PostgresServer, RedisServer, ServiceMissing, in_ci
+from calls.tests import conformance
 from calls.tests.wsclient import SKIPPED_TYPES
 
 # Seconds a test waits for what it expects: real processes on a loaded machine, Redis in between.
@@ -60,6 +64,7 @@ class Peer:
     async def receive(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
             message = json.loads(await self.ws.recv())
+        conformance.check(message, conformance.SERVER)
         if message["type"] == "online_users":
             self.online = {user["username"] for user in message["users"]}
             self.online_at = datetime.fromisoformat(message["timestamp"])
@@ -121,17 +126,22 @@ class Peer:
             return await self.reply()
 
     async def presence_of(self, username: str, timeout: float = TIMEOUT) -> list[str]:
-        """Return the delta types (user_online/user_offline) received until one names `username`, in order."""
+        """Return the changes ("online bob", "offline carol") of the presence frames received, in
+        order, until one names `username` (snapshots aside)."""
         seen = []
         async with asyncio.timeout(timeout):
             while True:
                 message = await self.receive()
-                if message["type"] in {"user_online", "user_offline"}:
-                    seen.append(f"{message['type']} {message['username']}")
-                    if message["username"] == username:
-                        return seen
-                else:
+                if message["type"] != "presence":
                     assert message["type"] in SKIPPED_TYPES, f"{self.name}: unexpected {message!r}"
+                    continue
+                if message.get("snapshot"):
+                    continue
+                changes = [("offline", user["username"]) for user in message["offline"]]
+                changes += [("online", user["username"]) for user in message["online"]]
+                seen += [f"{state} {name}" for state, name in changes]
+                if any(name == username for _, name in changes):
+                    return seen
 
     async def register(self, username: str, user_id: str, **extra: Any) -> dict[str, Any]:
         await self.send({"type": "register", "username": username, "user_id": user_id, **extra})
@@ -380,6 +390,34 @@ class Recorder:
 
     def of(self, kind: type[E]) -> list[E]:
         return [event for event in self.events if isinstance(event, kind)]
+
+
+def checked_connection(violations: list[str], *, sent: bool = True, received: bool = True) -> type[ClientConnection]:
+    """A socket class for a library client (its `create_connection`) that checks its frames against the spec.
+
+    What the library sends is checked as client-to-server (unless not `sent`: a test that
+    makes it send a malformed message on purpose), what it receives as server-to-client
+    (unless not `received`: a scripted stand-in server). A frame that does not conform is
+    recorded in `violations`, not raised: raised in the library's reader task, it would
+    only stop the client.
+    """
+
+    def note(frame: str, sender: str) -> None:
+        violations.extend(f"{sender} frame {frame}: {problem}" for problem in conformance.problems(frame, sender))
+
+    class CheckedConnection(ClientConnection):
+        async def send(self, message: Any, *, text: bool | None = None) -> None:
+            if sent and isinstance(message, str):
+                note(message, conformance.CLIENT)
+            await super().send(message, text=text)
+
+        async def recv(self, decode: bool | None = None) -> Any:
+            frame = await super().recv(decode)
+            if received and isinstance(frame, str):
+                note(frame, conformance.SERVER)
+            return frame
+
+    return CheckedConnection
 
 
 async def until_online(recorder: Recorder, *usernames: str) -> None:

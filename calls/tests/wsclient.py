@@ -4,7 +4,8 @@ Its counterpart over real sockets, against daphne processes, is calls/tests/netc
 
 - `Client`: one socket; `expect` returns the next message of a type and fails on any other
   (presence and ringing notices aside); `nothing` proves, with a ping as a barrier, that
-  nothing else was sent.
+  nothing else was sent. Every message it receives must conform to protocol/asyncapi.yaml
+  (calls/tests/conformance.py).
 - `ring`, `answer`, `answered_call`, `end_call`, `complete_call`: a call between clients.
 - `call_row`, `calls_in_db`, `timeline`, `users_in_db`: what the database holds afterwards;
   `write_call`: a call from the past, written straight to the database.
@@ -23,9 +24,10 @@ from django.utils import timezone
 
 from calls.callflow.states import CallStatus
 from calls.models import Call, CallEvent, SignalingUser
+from calls.tests import conformance
 from signaling_project.asgi import application
 
-PRESENCE_TYPES = {"online_users", "user_online", "user_offline"}
+PRESENCE_TYPES = {"online_users", "presence"}
 # Informational messages `expect` passes over unless asked for them by name.
 SKIPPED_TYPES = PRESENCE_TYPES | {"call_ringing"}
 TIMEOUT = 5
@@ -55,7 +57,9 @@ class Client:
         if output["type"] == "websocket.close":
             self.closed_code = output.get("code")
             raise ConnectionClosed(self.closed_code)
-        return json.loads(output["text"])
+        message = json.loads(output["text"])
+        conformance.check(message, conformance.SERVER)
+        return message
 
     async def expect(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
         """Return the next message of type `kind`; fail on any other non-presence message."""

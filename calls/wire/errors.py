@@ -25,6 +25,7 @@ INTERNAL_ERROR = "internal_error"
 PUSH_UNAVAILABLE = "push_unavailable"
 TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
 UNKNOWN_SUBSCRIPTION = "unknown_subscription"
+WATCH_LIMIT = "watch_limit"
 
 
 class SignalingError(Exception):

@@ -96,7 +96,8 @@ def session_handover(
     calls: list[dict[str, Any]],
     queued: list[dict[str, Any]],
     dropped: int,
-    delta: bool,
+    presence: str,
+    watch: list[str],
 ) -> dict[str, Any]:
     """A session given to a new socket: its calls, and what was queued for it while it had none."""
     return {
@@ -108,7 +109,8 @@ def session_handover(
         "calls": calls,
         "queued": queued,
         "dropped": dropped,
-        "delta": delta,
+        "presence": presence,
+        "watch": watch,
     }
 
 

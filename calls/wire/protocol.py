@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+from calls.wire import presence as presence_wire
 from calls.wire import push
 from calls.wire.errors import (  # noqa: F401 - the error codes are part of the protocol's names
     ALREADY_IN_CALL,
@@ -37,6 +38,7 @@ from calls.wire.errors import (  # noqa: F401 - the error codes are part of the 
     UNKNOWN_TYPE,
     USER_OFFLINE_CODE,
     USERNAME_TAKEN,
+    WATCH_LIMIT,
     SignalingError,
 )
 from calls.wire.text import InvalidUsername, check_values, field, normalize_username, text_field
@@ -58,8 +60,6 @@ SIGNAL_TYPES = frozenset({OFFER, ANSWER, ICE_CANDIDATE})
 # Server -> client message types (besides the echoed call_* and signal types).
 REGISTERED = "registered"
 ONLINE_USERS = "online_users"
-USER_ONLINE = "user_online"
-USER_OFFLINE = "user_offline"
 INCOMING_CALL = "incoming_call"
 CALL_RINGING = "call_ringing"
 CALL_HISTORY = "call_history"
@@ -88,6 +88,8 @@ class Register:
     token: str | None = None
     device_id: str | None = None
     presence: str = "full"
+    # Usernames to follow instead of everyone (None: no watch list).
+    watch: tuple[str, ...] | None = None
     resume: bool = False
     resume_token: str | None = None
 
@@ -142,6 +144,7 @@ Message = (
     | Ping
     | push.PushSubscribe
     | push.PushUnsubscribe
+    | presence_wire.Watch
 )
 
 
@@ -194,6 +197,7 @@ def _parse_register(obj: dict[str, Any]) -> Register:
         token=text_field(obj, "token", TOKEN_MAX, required=False),
         device_id=text_field(obj, "device_id", DEVICE_ID_MAX, required=False),
         presence=presence,
+        watch=presence_wire.usernames(obj, "watch", presence_wire.WATCH_FRAME_MAX),
         resume=bool(field(obj, "resume", bool, required=False)),
         resume_token=text_field(obj, "resume_token", TOKEN_MAX, required=False),
     )
@@ -246,6 +250,7 @@ _PARSERS = {
     PING: lambda obj: Ping(),
     push.PUSH_SUBSCRIBE: push.parse_subscribe,
     push.PUSH_UNSUBSCRIBE: push.parse_unsubscribe,
+    presence_wire.WATCH: presence_wire.parse_watch,
 }
 
 
@@ -312,11 +317,3 @@ def call_history(calls: list[dict[str, Any]]) -> dict[str, Any]:
 
 def pong() -> dict[str, Any]:
     return {"type": PONG, "server_time": utc_timestamp()}
-
-
-def user_online(username: str, user_id: str) -> dict[str, Any]:
-    return {"type": USER_ONLINE, "username": username, "user_id": user_id}
-
-
-def user_offline(username: str, user_id: str) -> dict[str, Any]:
-    return {"type": USER_OFFLINE, "username": username, "user_id": user_id}

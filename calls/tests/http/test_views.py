@@ -1,4 +1,4 @@
-"""Covers calls.http.views: the test page, and GET /api/ice-servers (who may have the ICE servers and TURN credentials).
+"""Covers calls.http.views: the test page, GET /api/ice-servers (who may have the ICE servers and TURN credentials), and the protocol spec.
 
 Token mode: a valid bearer token; the TURN credentials are for its subject.
 Open mode: nobody, since a username and user_id prove nothing there (every client
@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import pytest
+import yaml
 from django.test import AsyncClient
 
 from calls.realtime.security import mint_token
@@ -159,3 +160,13 @@ async def test_the_page_is_served_with_a_policy_that_lets_it_reach_only_its_own_
     policy = response["Content-Security-Policy"]
     assert "connect-src 'self' ws://testserver wss://testserver" in policy
     assert "frame-ancestors 'none'" in policy
+
+
+async def test_the_protocol_spec_is_served_as_it_is_checked_in(settings):
+    response = await AsyncClient().get("/api/protocol/asyncapi.yaml")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/yaml; charset=utf-8"
+    assert response["Access-Control-Allow-Origin"] == "*"
+    spec = settings.BASE_DIR / "protocol" / "asyncapi.yaml"
+    assert response.content == spec.read_bytes()
+    assert yaml.safe_load(response.content)["asyncapi"] == "3.0.0"

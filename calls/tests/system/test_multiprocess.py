@@ -183,18 +183,19 @@ async def test_a_username_is_taken_across_processes(pair, peers):
 
 async def test_a_user_is_listed_while_any_of_its_sessions_on_any_process_lives(token_pair, peers):
     watcher = await peers(token_pair.a, "pia", presence="delta")
-    # One snapshot first (earlier tests' users may still be leaving), then deltas only.
-    assert "pia" in {user["username"] for user in (await watcher.expect("online_users"))["users"]}
+    # One snapshot first (earlier tests' users may still be leaving), then changes only.
+    snapshot = await watcher.expect("presence")
+    assert snapshot["snapshot"] is True and "pia" in {user["username"] for user in snapshot["online"]}
     phone = await peers(token_pair.a, "quinn")
     laptop = await peers(token_pair.b, "quinn")
-    assert (await watcher.presence_of("quinn"))[-1] == "user_online quinn"
+    assert (await watcher.presence_of("quinn"))[-1] == "online quinn"
     await phone.ws.close()
     await peers(token_pair.b, "rae")
     # Had quinn gone offline with the phone, the watcher would hear it before rae comes online.
     seen = await watcher.presence_of("rae")
-    assert seen[-1] == "user_online rae" and "user_offline quinn" not in seen
+    assert seen[-1] == "online rae" and "offline quinn" not in seen
     await laptop.ws.close()
-    assert (await watcher.presence_of("quinn"))[-1] == "user_offline quinn"
+    assert (await watcher.presence_of("quinn"))[-1] == "offline quinn"
     assert token_pair.rows("SELECT count(*) FROM calls_signalinguser WHERE username IN ('quinn', 'rae')") == [(2,)]
 
 
@@ -220,8 +221,9 @@ async def test_a_killed_process_leaves_the_list_and_its_calls_end_for_the_surviv
         ended = await dave.expect("call_ended", timeout=30)
         assert (ended["call_id"], ended["reason"]) == (ringing, "disconnected")
         await alice.expect_online({"alice", "walt", "dave"}, timeout=30)
-        gone = {(await watcher.expect("user_offline", timeout=30))["username"] for _ in range(2)}
-        assert gone == {"bob", "carol"}
+        gone: set[str] = set()
+        while not {"bob", "carol"} <= gone:  # in one frame or two, as the reaper finds them
+            gone |= {user["username"] for user in (await watcher.expect("presence", timeout=30))["offline"]}
         assert cluster.call_row(answered) == ("completed", "disconnected")
         assert cluster.call_row(ringing) == ("failed", "disconnected")
         assert cluster.rows("SELECT count(*) FROM calls_call WHERE status IN ('ringing', 'answered')") == [(0,)]
@@ -254,7 +256,7 @@ async def test_live_sessions_recover_after_redis_restarts(tmp_path, postgres, pe
         after = await answered_call(bob, alice)
         await signal_both_ways(bob, alice, after)
         carol = await peers(cluster.b, "carol")
-        assert (await watcher.presence_of("carol"))[-1] == "user_online carol"
+        assert (await watcher.presence_of("carol"))[-1] == "online carol"
         # Read from Redis after the restart: every session was written back.
         await alice.expect_online({"alice", "bob", "walt", "carol"})
         await alice.send({"type": "call_ended", "call_id": after})
@@ -264,5 +266,22 @@ async def test_live_sessions_recover_after_redis_restarts(tmp_path, postgres, pe
         await carol.send({"type": "call_ended", "call_id": call})
         await alice.expect("call_ended")
         assert [cluster.call_row(c) for c in (after, call)] == [("completed", "hangup")] * 2
+    finally:
+        cluster.stop()
+
+
+async def test_a_watched_user_on_another_process_comes_and_goes_in_the_watchers_frames(tmp_path, postgres, peers):
+    cluster = start_cluster(tmp_path, postgres, SIGNALING_PRESENCE_TTL="2", SIGNALING_REAPER_INTERVAL="0.5")
+    try:
+        watcher = await peers(cluster.a, "wendy", watch=["xavier", "yolanda"])
+        snapshot = await watcher.expect("presence")
+        assert snapshot["snapshot"] is True and snapshot["online"] == []
+        await peers(cluster.b, "zed")  # not watched: never in wendy's frames
+        await peers(cluster.b, "xavier")
+        seen = await watcher.presence_of("xavier")
+        assert seen == ["online xavier"]
+        cluster.b.kill()  # xavier's process dies: his lease lapses within the TTL
+        seen = await watcher.presence_of("xavier", timeout=30)
+        assert seen == ["offline xavier"]
     finally:
         cluster.stop()

@@ -35,6 +35,7 @@ from signaling_client.events import (
     PeerReconnected,
     PeerReconnecting,
     Pong,
+    Presence,
     PushSubscribed,
     PushUnsubscribed,
     Reconnected,
@@ -86,6 +87,7 @@ __all__ = [
     "UnknownEvent",
     "User",
     "UserOffline",
+    "Presence",
     "UserOnline",
     "parse_event",
 ]

@@ -24,6 +24,8 @@ class CallBook:
     def __init__(self) -> None:
         self.calls: dict[str, CallInfo] = {}
         self.online: dict[str, ev.User] = {}
+        # The next presence snapshot replaces the list (the first after registered).
+        self._fresh = True
         self._ended: dict[str, None] = {}
         self._reported_lost: set[str] = set()
 
@@ -32,10 +34,16 @@ class CallBook:
         match event:
             case ev.OnlineUsers():
                 self.online = {user.username: user for user in event.users}
-            case ev.UserOnline():
-                self.online[event.username] = ev.User(event.username, event.user_id)
-            case ev.UserOffline():
-                self.online.pop(event.username, None)
+            case ev.Registered():
+                self._fresh = True
+            case ev.Presence():
+                if event.snapshot and self._fresh:
+                    self.online = {}
+                self._fresh = False
+                for user in event.offline:
+                    self.online.pop(user.username, None)
+                for user in event.online:
+                    self.online[user.username] = user
             case ev.IncomingCall(call_id=str() as call_id):
                 self.calls[call_id] = CallInfo(call_id, event.caller_username, outgoing=False, status="ringing")
             case ev.CallRinging():

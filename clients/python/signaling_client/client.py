@@ -44,7 +44,15 @@ RESUME_FAILED = "resume_failed"
 FATAL_REGISTRATION_CODES = frozenset({"unauthorized", "username_taken", "already_registered", "invalid_message"})
 # Error codes the server may answer a call_request with.
 CALL_REQUEST_ERRORS = frozenset(
-    {"user_offline", "already_in_call", "invalid_message", "rate_limited", "internal_error", "not_registered"}
+    {
+        "user_offline",
+        "already_in_call",
+        "invalid_message",
+        "rate_limited",
+        "call_rate_limited",
+        "internal_error",
+        "not_registered",
+    }
 )
 # Error codes the server may answer push_subscribe and push_unsubscribe with.
 PUSH_REQUEST_ERRORS = frozenset(
@@ -78,6 +86,7 @@ class SignalingClient:
         device_id: str | None = None,
         resume: bool = True,
         presence: str = "full",
+        watch: tuple[str, ...] | list[str] | None = None,
         reconnect: bool = True,
         ping_interval: float | None = 20.0,
         ping_timeout: float = 10.0,
@@ -98,6 +107,8 @@ class SignalingClient:
         self.device_id = device_id
         self.resume = resume
         self.presence = presence
+        # Users to follow instead of everyone (a watch list), sent with every registration.
+        self.watching: set[str] | None = set(watch) if watch is not None else None
         self.reconnect = reconnect
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -226,6 +237,8 @@ class SignalingClient:
             message["device_id"] = self.device_id
         if self.presence != "full":
             message["presence"] = self.presence
+        if self.watching is not None:
+            message["watch"] = sorted(self.watching)
         if self.resume:
             message["resume"] = True
             if resume_token:
@@ -357,6 +370,11 @@ class SignalingClient:
             self._registered = event
         if self._book.track(event):
             self._hub.deliver(event)
+            if isinstance(event, ev.Presence):  # one event per user too, for applications that want them
+                for user in event.offline:
+                    self._hub.deliver(ev.UserOffline(user.username, user.user_id, raw=event.raw))
+                for user in event.online:
+                    self._hub.deliver(ev.UserOnline(user.username, user.user_id, raw=event.raw))
 
     # --- Events for the application ---------------------------------------
 
@@ -539,6 +557,25 @@ class SignalingClient:
         if isinstance(reply, ev.Error):
             raise SignalingError(reply.code, reply.message)
         assert isinstance(reply, reply_type)
+        return reply
+
+    async def watch(
+        self, add: tuple[str, ...] | list[str] = (), remove: tuple[str, ...] | list[str] = ()
+    ) -> ev.Presence:
+        """Change the watch list (kept for reconnects); return the snapshot of the added users who are online."""
+        self.watching = (set(self.watching or ()) - set(remove)) | set(add)
+        message = {"type": "watch", "add": list(add), "remove": list(remove)}
+
+        def answers(event: ev.Event) -> bool:
+            return (isinstance(event, ev.Presence) and event.snapshot) or (
+                isinstance(event, ev.Error) and event.code in ("watch_limit", "invalid_message")
+            )
+
+        async with self._request_lock:
+            reply = await self._request(message, answers, None)
+        if isinstance(reply, ev.Error):
+            raise SignalingError(reply.code, reply.message)
+        assert isinstance(reply, ev.Presence)
         return reply
 
     async def ping(self, timeout: float | None = None) -> ev.Pong:

@@ -73,6 +73,20 @@ class OnlineUsers(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Presence(Event):
+    """Who came online and who went offline in one broadcast window ("delta" presence and watch lists).
+
+    `snapshot`: the whole picture of the users it covers (after `registered`:
+    everyone followed; in answer to `watch`: the users just added). The client
+    also delivers one `UserOnline`/`UserOffline` per user of each frame.
+    """
+
+    online: tuple[User, ...]
+    offline: tuple[User, ...]
+    snapshot: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class UserOnline(Event):
     username: str
     user_id: str
@@ -303,8 +317,12 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], Event]] = {
         timestamp=_opt_str(m, "timestamp"),
         raw=m,
     ),
-    "user_online": lambda m: UserOnline(_str(m, "username"), _str(m, "user_id"), raw=m),
-    "user_offline": lambda m: UserOffline(_str(m, "username"), _str(m, "user_id"), raw=m),
+    "presence": lambda m: Presence(
+        online=tuple(User(_str(u, "username"), _str(u, "user_id")) for u in _dicts(m, "online")),
+        offline=tuple(User(_str(u, "username"), _str(u, "user_id")) for u in _dicts(m, "offline")),
+        snapshot=m.get("snapshot") is True,
+        raw=m,
+    ),
     "incoming_call": lambda m: IncomingCall(
         _str(m, "caller_username"), _str(m, "caller_id"), _opt_str(m, "call_id"), raw=m
     ),
