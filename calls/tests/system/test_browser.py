@@ -1,5 +1,10 @@
 """Covers the whole server with the browser test page (static/calls/app.js) in real headless Chromium, on daphne.
 
+The page speaks to the server only through the JavaScript client library
+(clients/js/src, served at /static/signaling-client/), so these tests exercise the
+library in a browser too: its registration (resume, delta presence, a device id), its
+calls, its PeerConnection helper, its reconnect and resume, and its keepalive pings.
+
 Two users open the page served by daphne, register, call, and see each other's
 (fake) camera. Media flows between the two pages over host candidates only: the
 server hands out no ICE servers, so nothing is relayed and no packet leaves this
@@ -13,11 +18,15 @@ The tests check every candidate that went over the wire is an address of this ho
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
-from collections.abc import Iterator
+import threading
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -25,8 +34,9 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Locator, Page, WebSocket, expect
 
 from calls.testing.servers import DaphneServer, daphne_server
-from calls.tests.netclient import http_request, server_rows
+from calls.tests.netclient import TIMEOUT, TcpProxy, http_request, server_rows
 
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT_MS = 20_000
 
 
@@ -45,8 +55,10 @@ class Tab:
     sent: list[dict[str, Any]] = field(default_factory=list)
     received: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    sockets: list[WebSocket] = field(default_factory=list)
 
     def watch(self, ws: WebSocket) -> None:
+        self.sockets.append(ws)
         ws.on("framesent", lambda payload: self.sent.append(json.loads(payload)))
         ws.on("framereceived", lambda payload: self.received.append(json.loads(payload)))
 
@@ -62,11 +74,14 @@ class Tab:
 
 @pytest.fixture
 def open_tab(browser: Browser, server: DaphneServer) -> Iterator[Any]:
-    """Open the page in a browser profile of its own (or a given one) and register."""
+    """Open the page in a browser profile of its own (or a given one) and register.
+
+    `url`: where the page is, when not straight at the server (through a relay).
+    """
     contexts: list[BrowserContext] = []
     tabs: list[Tab] = []
 
-    def open_tab(username: str, context: BrowserContext | None = None) -> Tab:
+    def open_tab(username: str, context: BrowserContext | None = None, url: str | None = None) -> Tab:
         if context is None:
             context = browser.new_context(viewport={"width": 1200, "height": 760})
             contexts.append(context)
@@ -75,7 +90,7 @@ def open_tab(browser: Browser, server: DaphneServer) -> Iterator[Any]:
         tab = Tab(page)
         page.on("websocket", tab.watch)
         page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
-        page.goto(server.http_url + "/")
+        page.goto((url or server.http_url) + "/")
         page.fill("#username", username)
         page.click("#register-btn")
         expect(page.locator("#status")).to_have_attribute("data-state", "online")
@@ -133,6 +148,131 @@ def wait_for_remote_video(page: Page) -> None:
     )
 
 
+def wait_for_frames(tab: Tab, kind: str, count: int) -> list[dict[str, Any]]:
+    """Wait until the page has received `count` frames of type `kind`; return them all."""
+    for _ in range(TIMEOUT_MS // 50):
+        if len(tab.received_of(kind)) >= count:
+            return tab.received_of(kind)
+        # Playwright hands over the frames it saw while it waits: let it.
+        tab.page.wait_for_timeout(50)
+    raise AssertionError(f"fewer than {count} {kind} frames: {tab.received_of(kind)}")
+
+
+def names(users: list[dict[str, str]]) -> list[str]:
+    return [user["username"] for user in users]
+
+
+def answered_call(caller: Tab, callee: Tab, callee_name: str) -> str:
+    """Call `callee_name` from `caller`, answer in `callee`, wait for live video both ways; return the call id."""
+    caller.user(callee_name).locator(".call-btn").click()
+    expect(callee.page.locator("#incoming-call")).to_be_visible()
+    callee.page.click("#accept-btn")
+    for tab in (caller, callee):
+        expect(tab.page.locator("#status")).to_have_attribute("data-state", "in-call")
+        wait_for_remote_video(tab.page)
+    return callee.received_of("incoming_call")[0]["call_id"]
+
+
+class Relay:
+    """A TcpProxy (calls/tests/netclient.py) on an event loop in a thread of its own, for these sync tests.
+
+    A page loaded through it opens its socket through it too, so the test can break that link.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self._target_port = target_port
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._proxy: TcpProxy | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), name="relay", daemon=True)
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with TcpProxy(self._target_port) as proxy:
+            self._proxy = proxy
+            self._ready.set()
+            await self._stop.wait()
+
+    def __enter__(self) -> Relay:
+        self._thread.start()
+        assert self._ready.wait(TIMEOUT), "the relay did not start"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(TIMEOUT)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self._proxy.port}"
+
+    def cut(self) -> None:
+        """Reset every connection through the relay at both ends: the server drops the socket."""
+        self._call(self._proxy.cut)
+
+    def freeze(self) -> None:
+        """Stop carrying bytes either way and leave the connections open: the link goes silent."""
+        self._call(self._proxy.freeze)
+
+    def thaw(self) -> None:
+        """Carry bytes again."""
+        self._call(self._proxy.flowing.set)
+
+    def _call(self, action: Callable[[], None]) -> None:
+        async def run() -> None:
+            action()
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result(TIMEOUT)
+
+
+def test_the_page_loads_its_code_and_the_client_library_as_modules_of_its_own_origin(server):
+    status, headers, body = http_request(server.http_url + "/")
+    assert status == 200
+    assert '<script type="module" src="/static/calls/app.js"></script>' in body.decode()
+    assert headers["Content-Security-Policy"].startswith("default-src 'self';")
+    app = http_request(server.http_url + "/static/calls/app.js")[2].decode()
+    assert 'from "../signaling-client/index.js";' in app
+
+    library = sorted((ROOT / "clients" / "js" / "src").glob("*.js"))
+    assert "index.js" in [path.name for path in library]
+    for path in library:
+        status, headers, body = http_request(f"{server.http_url}/static/signaling-client/{path.name}")
+        assert (status, headers["Content-Type"].split(";")[0]) == (200, "text/javascript"), path.name
+        assert body == path.read_bytes()
+
+
+def test_the_page_registers_for_resume_with_delta_presence_and_lists_who_comes_and_goes(open_tab):
+    xena = open_tab("xena")
+    (register,) = xena.sent_of("register")
+    assert register == {
+        "type": "register",
+        "username": "xena",
+        "user_id": register["user_id"],
+        "device_id": register["device_id"],
+        "presence": "delta",
+        "resume": True,
+    }
+    uuid.UUID(register["user_id"])
+    assert register["device_id"].startswith("browser-")
+    assert xena.received_of("registered")[0]["resume_token"]
+
+    yann = open_tab("yann")
+    expect(xena.user("yann")).to_have_count(1)
+    expect(yann.user("xena")).to_have_count(1)
+    yann.page.close()
+    expect(xena.user("yann")).to_have_count(0)
+
+    assert xena.received_of("online_users") == []
+    snapshot, *changes = xena.received_of("presence")
+    assert snapshot["snapshot"] is True
+    assert [("snapshot" in m, names(m["online"]), names(m["offline"])) for m in changes] == [
+        (False, ["yann"], []),
+        (False, [], ["yann"]),
+    ]
+
+
 def test_two_pages_call_with_live_video_and_hang_up_ends_both(open_tab, server, tmp_path):
     alice, bob = open_tab("alice"), open_tab("bob")
     alice.user("bob").locator(".call-btn").click()
@@ -148,7 +288,8 @@ def test_two_pages_call_with_live_video_and_hang_up_ends_both(open_tab, server, 
     alice.page.screenshot(path=tmp_path / "alice-in-call.png")
 
     call_id = bob.received_of("incoming_call")[0]["call_id"]
-    assert [m["call_id"] for m in bob.sent_of("call_accepted")] == [call_id]
+    assert alice.sent_of("call_request") == [{"type": "call_request", "target_username": "bob"}]
+    assert bob.sent_of("call_accepted") == [{"type": "call_accepted", "call_id": call_id, "caller_username": "alice"}]
     assert [m["data"]["type"] for m in alice.sent_of("offer")] == ["offer"]
     assert [m["data"]["type"] for m in bob.sent_of("answer")] == ["answer"]
     assert {m["call_id"] for m in alice.sent_of("ice_candidate") + bob.sent_of("ice_candidate")} == {call_id}
@@ -162,7 +303,7 @@ def test_two_pages_call_with_live_video_and_hang_up_ends_both(open_tab, server, 
     expect(bob.page.locator("#status")).to_contain_text("alice hung up")
     expect(alice.page.locator("#status")).to_have_attribute("data-reason", "hangup")
     expect(alice.page.locator("#status")).to_contain_text("you hung up")
-    assert alice.sent_of("call_ended") == [{"type": "call_ended", "call_id": call_id}]
+    assert alice.sent_of("call_ended") == [{"type": "call_ended", "call_id": call_id, "target_username": "bob"}]
     ended = bob.received_of("call_ended")
     assert [(m["call_id"], m["reason"], m["from_username"]) for m in ended] == [(call_id, "hangup", "alice")]
     for tab in (alice, bob):
@@ -183,7 +324,7 @@ def test_a_rejected_call_tells_the_caller_and_is_recorded(open_tab, server):
     expect(dave.page.locator("#incoming-call")).to_be_hidden()
     expect(dave.page.locator("#status")).to_contain_text("You declined the call from carol")
     call_id = dave.received_of("incoming_call")[0]["call_id"]
-    assert dave.sent_of("call_rejected") == [{"type": "call_rejected", "call_id": call_id}]
+    assert dave.sent_of("call_rejected") == [{"type": "call_rejected", "call_id": call_id, "caller_username": "carol"}]
     assert [(m["call_id"], m["reason"]) for m in carol.received_of("call_rejected")] == [(call_id, "rejected")]
     assert carol.sent_of("offer") == []
     expect(carol.page.locator("#call-history li").first).to_have_attribute("data-status", "rejected")
@@ -200,6 +341,63 @@ def test_in_open_mode_a_second_tab_of_an_online_name_is_refused(open_tab, browse
         page.fill("#username", "olga")
         page.click("#register-btn")
         expect(page.locator("#status")).to_have_attribute("data-reason", "username_taken")
+    finally:
+        context.close()
+
+
+def test_a_call_survives_a_dropped_server_socket_and_the_page_resumes_its_session(open_tab, server):
+    with Relay(server.port) as relay:
+        uma = open_tab("uma")
+        vic = open_tab("vic", url=relay.http_url)
+        call_id = answered_call(uma, vic, "vic")
+        first = vic.received_of("registered")[0]
+
+        relay.cut()
+
+        resumed = wait_for_frames(vic, "registered", 2)[1]
+        assert resumed["resumed"] is True
+        assert [(c["call_id"], c["peer_username"]) for c in resumed["calls"]] == [(call_id, "uma")]
+        assert vic.sent_of("register")[1]["resume_token"] == first["resume_token"]
+        assert len(vic.sockets) == 2
+        expect(uma.page.locator("#status")).to_have_text("vic is back")
+        peer_news = [(m["type"], m["call_id"]) for m in uma.received if m["type"].startswith("peer_")]
+        assert peer_news == [("peer_reconnecting", call_id), ("peer_reconnected", call_id)]
+        expect(vic.page.locator("#status")).to_have_text("In a call with uma")
+        expect(vic.page.locator("#status")).to_have_attribute("data-state", "in-call")
+        for tab in (uma, vic):
+            wait_for_remote_video(tab.page)
+
+        vic.page.click("#hangup-btn")
+        expect(uma.page.locator("#status")).to_contain_text("vic hung up")
+        assert vic.sent_of("call_ended") == [{"type": "call_ended", "call_id": call_id, "target_username": "uma"}]
+    assert call_rows(server, "uma", "vic") == [("completed", "hangup")]
+
+
+def test_a_link_gone_silent_is_caught_by_the_keepalive_and_the_session_resumes(open_tab, browser, server):
+    context = browser.new_context()
+    # The page's timers run on a clock the test moves on: 20 s pings and 10 s pong deadlines at once.
+    context.clock.install()
+    try:
+        with Relay(server.port) as relay:
+            wren = open_tab("wren", context=context, url=relay.http_url)
+            clock = wren.page.clock
+            with wren.sockets[0].expect_event("framereceived", lambda payload: json.loads(payload)["type"] == "pong"):
+                clock.run_for(20_000)
+            assert wren.sent_of("ping") == [{"type": "ping"}]
+
+            relay.freeze()
+            clock.run_for(30_000)  # the next ping, then its pong deadline
+            expect(wren.page.locator("#status")).to_have_attribute("data-state", "offline")
+            expect(wren.page.locator("#status")).to_have_text("Connection to the server lost; reconnecting…")
+            relay.cut()
+            relay.thaw()
+
+            registrations = wait_for_frames(wren, "registered", 2)
+            assert registrations[1]["resumed"] is True
+            assert wren.sent_of("register")[-1]["resume_token"] == registrations[0]["resume_token"]
+            assert len(wren.sent_of("ping")) == 2
+            assert len(wren.received_of("pong")) == 1
+            expect(wren.page.locator("#status")).to_have_attribute("data-state", "online")
     finally:
         context.close()
 

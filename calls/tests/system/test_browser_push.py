@@ -1,6 +1,8 @@
 """Covers the test page's push notifications (static/calls/app.js, sw.js) in headless Chromium against daphne.
 
-The server runs in token mode with Web Push (a VAPID key).
+The server runs in token mode with Web Push (a VAPID key). The page subscribes and
+unsubscribes through the JavaScript client library (clients/js: `subscribePush`,
+`unsubscribePush`), signed in with the token its password sign-in fetched.
 
 Headless Chromium has no push service: `PushManager.subscribe` needs Google's, and
 Playwright's contexts are incognito, where Chromium refuses push subscriptions
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from playwright.sync_api import Browser, BrowserContext, CDPSession, Page, WebSocket, expect
 from websockets.sync.client import ClientConnection
@@ -143,6 +146,11 @@ class Tab:
         self.page.fill("#username", username)
         self.page.click("#register-btn")
         expect(self.page.locator("#status")).to_have_attribute("data-state", "online")
+
+
+def verify_token(token: str) -> str:
+    """The username a registration token was issued for."""
+    return jwt.decode(token, SECRET, algorithms=["HS256"])["sub"]
 
 
 def open_tab(context: BrowserContext, url: str) -> Tab:
@@ -305,6 +313,10 @@ def test_the_switch_registers_the_worker_and_subscribes_through_the_server(conte
     expect(switch).to_be_enabled()
     expect(switch).not_to_be_checked()
     assert tab.received_of("registered")[0]["vapid_public_key"] == VAPID_PUBLIC
+
+    (register,) = tab.sent_of("register")
+    assert verify_token(register["token"]) == "hana"
+    assert (register["presence"], register["resume"]) == ("delta", True)
 
     subscription_id = turn_notifications_on(tab)
 
