@@ -183,13 +183,28 @@ async def test_the_cli_lists_users_and_places_a_call(server, open_client):
 
 async def test_delta_presence_keeps_the_online_list_current(server, open_client):
     alice, a_events = await open_client(server.url, "alice9", presence="delta")
-    await a_events.expect(sc.OnlineUsers)
+    snapshot = await a_events.expect(sc.Presence)
+    assert snapshot.snapshot and sc.User("alice9", "id-alice9") in snapshot.online
     bob, _ = await open_client(server.url, "bob9")
     assert await a_events.expect(sc.UserOnline, username="bob9") == sc.UserOnline("bob9", "id-bob9")
     assert sc.User("bob9", "id-bob9") in alice.online_users
     await bob.close()
     await a_events.expect(sc.UserOffline, username="bob9")
     assert "bob9" not in {user.username for user in alice.online_users}
+
+
+
+async def test_a_watch_list_follows_only_its_users(server, open_client):
+    walt, w_events = await open_client(server.url, "walt9", watch=["dan9"])
+    assert (await w_events.expect(sc.Presence)).online == ()
+    await open_client(server.url, "eve9")  # not watched
+    dan, _ = await open_client(server.url, "dan9")
+    frame = await w_events.expect(sc.Presence, snapshot=False)
+    assert frame.online == (sc.User("dan9", "id-dan9"),) and frame.offline == ()
+    assert {user.username for user in walt.online_users} == {"dan9"}
+    added = await walt.watch(add=["eve9"])
+    assert added.snapshot and added.online == (sc.User("eve9", "id-eve9"),)
+    assert {user.username for user in walt.online_users} == {"dan9", "eve9"}
 
 
 # --- Reconnection and resume against daphne -----------------------------------

@@ -72,10 +72,11 @@ async def test_every_frame_the_client_library_and_the_server_exchange_conforms(s
     frames: list[tuple[str, str]] = []
     socket = recording(frames)
     carol, carol_events = await open_client(server, "carol", presence="delta", create_connection=socket)
-    await carol_events.expect(sc.OnlineUsers)  # the one full list; changes come as deltas from now on
+    await carol_events.expect(sc.Presence, snapshot=True)  # the snapshot; changes come as presence frames from now on
     alice, alice_events = await open_client(server, "alice", device_id="alice-phone", create_connection=socket)
     bob, bob_events = await open_client(server, "bob", create_connection=socket)
     await carol_events.expect(sc.UserOnline, username="bob")
+    await carol.watch(add=["alice", "bob"])  # carol follows these two from now on
 
     await alice.ping()
     subscription_id = await bob.subscribe_push("webpush", subscription=service.subscription("bob").to_json())
