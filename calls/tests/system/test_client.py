@@ -193,7 +193,6 @@ async def test_delta_presence_keeps_the_online_list_current(server, open_client)
     assert "bob9" not in {user.username for user in alice.online_users}
 
 
-
 async def test_a_watch_list_follows_only_its_users(server, open_client):
     walt, w_events = await open_client(server.url, "walt9", watch=["dan9"])
     assert (await w_events.expect(sc.Presence)).online == ()
