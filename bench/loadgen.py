@@ -407,7 +407,10 @@ async def storm_scenario(conn: Connection, spec: dict[str, Any]) -> None:
         task.cancel()
 
 
-SCENARIOS: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[None]]] = {
+# What a load-generator process runs: it talks to the parent over `conn`.
+Scenario = Callable[[Connection, dict[str, Any]], Awaitable[None]]
+
+SCENARIOS: dict[str, Scenario] = {
     "relay": relay_scenario,
     "rtt": rtt_scenario,
     "call_setup": call_setup_scenario,
@@ -415,18 +418,23 @@ SCENARIOS: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[None]]] = 
 }
 
 
-def _worker_main(conn: Connection, scenario: str, spec: dict[str, Any]) -> None:
+def _worker_main(conn: Connection, scenario: str | Scenario, spec: dict[str, Any]) -> None:
+    run = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
     try:
-        asyncio.run(SCENARIOS[scenario](conn, spec))
+        asyncio.run(run(conn, spec))
     except BaseException as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         raise
 
 
 class Workers:
-    """Forked load-generator processes running one scenario, driven step by step."""
+    """Forked load-generator processes running one scenario, driven step by step.
 
-    def __init__(self, scenario: str, specs: list[dict[str, Any]]) -> None:
+    `scenario` names one of SCENARIOS, or is the coroutine function itself (the
+    processes are forked, so it need not be importable by name).
+    """
+
+    def __init__(self, scenario: str | Scenario, specs: list[dict[str, Any]]) -> None:
         context = multiprocessing.get_context("fork")
         self.conns: list[Connection] = []
         self.procs = []
@@ -458,6 +466,12 @@ class Workers:
 
     def done(self, timeout: float) -> list[Any]:
         return self._collect("done", timeout)
+
+    def request(self, step: str, timeout: float = 60.0) -> list[Any]:
+        """Ask every worker for `step` (a scenario that answers requests until released)."""
+        for conn in self.conns:
+            conn.send(step)
+        return self._collect(step, timeout)
 
     def release(self) -> None:
         for conn in self.conns:

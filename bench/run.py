@@ -17,13 +17,14 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import profiling, report, scenarios, services
+from bench import presence, profiling, report, scenarios, services
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Relay load: every client may send far more than SIGNALING_RATE's default
@@ -31,6 +32,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 UNLIMITED_RATE = "1000000/1000000"
 # Presence broadcasts deferred past the idle-memory measurement (see scenarios.idle_memory).
 DEFERRED_PRESENCE_MS = "600000"
+# Seconds the watch-list storm may take: four times its 60 s target, then it is reported incomplete.
+WATCH_TIMEOUT = 240.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,15 @@ class Plan:
     idle_clients: int = 5000
     idle_workers: int = 2
     profile_seconds: float = 10.0
+    # Presence: a sign-in storm of "delta" clients (and, in memory, of v1 clients for
+    # comparison), its RSS read `presence_settle` s after the last client's view was complete.
+    presence_clients: int = 2000
+    presence_workers: int = 2
+    presence_settle: float = 8.0
+    # Watch lists: every client watches the next `watch_size` clients.
+    watch_clients: int = 10000
+    watch_size: int = 20
+    watch_workers: int = 4
 
 
 QUICK = Plan(
@@ -61,6 +73,9 @@ QUICK = Plan(
     storm_sizes=(100, 400),
     idle_clients=500,
     profile_seconds=3.0,
+    presence_clients=400,
+    watch_clients=1000,
+    watch_workers=2,
 )
 
 
@@ -117,27 +132,58 @@ def _profile_storm(server: services.Process, plan: Plan, out: Path) -> dict[str,
     return profiling.summarize(out)
 
 
+def _profile_presence(server: services.Process, storm: presence.Storm, plan: Plan, out: Path) -> dict[str, Any]:
+    """Profile the server with py-spy over a presence sign-in storm (a separate, unmeasured run)."""
+    spy = profiling.record(server.pid, plan.profile_seconds, out)
+    try:
+        presence.sign_in([server], storm, before_release=lambda: spy.wait(120))
+    finally:
+        spy.wait(120)
+    return profiling.summarize(out)
+
+
+class Servers:
+    """Fresh daphne processes for one configuration: a new database each, and Redis flushed first."""
+
+    def __init__(self, redis: services.Process | None = None, postgres: services.PostgresServer | None = None) -> None:
+        self.redis, self.postgres = redis, postgres
+        self._shared: dict[str, str] = {}
+
+    def fresh(self, **settings: str) -> ContextManager[services.Process]:
+        """A new process, with a new database and (with Redis) no presence left from the last one."""
+        if self.redis is not None:
+            services.flush_redis(self.redis.port)
+        self._shared = {
+            "redis_url": f"redis://127.0.0.1:{self.redis.port}/0" if self.redis else "",
+            "database_url": self.postgres.new_database() if self.postgres else "",
+        }
+        return services.daphne(**self._shared, **settings)
+
+    def another(self, **settings: str) -> ContextManager[services.Process]:
+        """A second process sharing the last fresh one's Redis and database."""
+        return services.daphne(**self._shared, **settings)
+
+
 def run_configuration(
     name: str,
     plan: Plan,
     profile: bool,
     redis: services.Process | None = None,
     postgres: services.PostgresServer | None = None,
+    only: str | None = None,
 ) -> dict[str, Any]:
-    """Every measurement of our server in one configuration."""
+    """Every measurement of our server in one configuration (or only one group of them)."""
     results: dict[str, Any] = {}
+    servers = Servers(redis, postgres)
+    if only is None:
+        _core_measurements(results, name, plan, profile, servers)
+    _presence_measurements(results, name, plan, profile, servers)
+    return results
 
-    shared: dict[str, str] = {}
 
-    def server(**settings: str) -> Any:
-        """A fresh daphne process, with a fresh database and (with Redis) no presence left from the last one."""
-        if redis is not None:
-            services.flush_redis(redis.port)
-        shared["redis_url"] = f"redis://127.0.0.1:{redis.port}/0" if redis else ""
-        shared["database_url"] = postgres.new_database() if postgres else ""
-        return services.daphne(**shared, **settings)
-
-    with server(SIGNALING_RATE=UNLIMITED_RATE) as daphne:
+def _core_measurements(results: dict[str, Any], name: str, plan: Plan, profile: bool, servers: Servers) -> None:
+    """Relay, round trip, call set-up, the v1 sign-in storm and idle memory."""
+    with servers.fresh(SIGNALING_RATE=UNLIMITED_RATE) as daphne:
         url = f"ws://127.0.0.1:{daphne.port}/"
         _measure(results, "extensions", daphne, lambda: scenarios.negotiated_extensions(url))
 
@@ -153,14 +199,14 @@ def run_configuration(
                 plan.relay_window,
                 plan.relay_workers,
                 plan.relay_seconds,
-                helper=redis,
+                helper=servers.redis,
             ),
         )
-        if redis is not None:
+        if servers.redis is not None:
             # The relay above keeps both parties on one process, where they skip Redis;
             # here each pair spans two processes, so every message goes through Redis.
             scenarios.wait_idle(daphne)
-            with services.daphne(**shared, SIGNALING_RATE=UNLIMITED_RATE) as second:
+            with servers.another(SIGNALING_RATE=UNLIMITED_RATE) as second:
                 _measure(
                     results,
                     "relay_two_processes",
@@ -173,7 +219,7 @@ def run_configuration(
                         plan.relay_window,
                         plan.relay_workers,
                         plan.relay_seconds,
-                        helper=redis,
+                        helper=servers.redis,
                         second=second,
                     ),
                 )
@@ -198,7 +244,7 @@ def run_configuration(
             raw = services.WORK / f"profile-setup-{name}.raw"
             _measure(results, "profile_call_setup", daphne, lambda: _profile_setup(daphne, plan, raw))
     for clients in plan.storm_sizes:
-        with server() as daphne:
+        with servers.fresh() as daphne:
             _measure(
                 results,
                 f"storm_{clients}",
@@ -206,17 +252,63 @@ def run_configuration(
                 lambda n=clients: scenarios.storm(daphne, "s", n, plan.storm_batch, plan.storm_workers, timeout=180)[0],
             )
     if profile and name == "memory":
-        with server() as daphne:
+        with servers.fresh() as daphne:
             raw = services.WORK / f"profile-storm-{name}.raw"
             _measure(results, "profile_storm", daphne, lambda: _profile_storm(daphne, plan, raw))
-    with server(SIGNALING_PRESENCE_WINDOW_MS=DEFERRED_PRESENCE_MS) as daphne:
+    with servers.fresh(SIGNALING_PRESENCE_WINDOW_MS=DEFERRED_PRESENCE_MS) as daphne:
         _measure(
             results,
             "idle_memory",
             daphne,
             lambda: scenarios.idle_memory(daphne, "m", plan.idle_clients, plan.idle_workers),
         )
-    return results
+
+
+def _presence_measurements(results: dict[str, Any], name: str, plan: Plan, profile: bool, servers: Servers) -> None:
+    """Sign-in storms of clients following presence as deltas and through watch lists (bench/presence.py)."""
+    delta = presence.Storm(
+        "d", plan.presence_clients, presence.DELTA, batch=plan.storm_batch, workers=plan.presence_workers
+    )
+    with servers.fresh() as daphne:
+        _measure(
+            results, "presence_delta", daphne, lambda: presence.follow_everyone(daphne, delta, plan.presence_settle)
+        )
+    if profile:
+        with servers.fresh() as daphne:
+            raw = services.WORK / f"profile-presence-delta-{name}.raw"
+            _measure(
+                results,
+                "profile_presence_delta",
+                daphne,
+                lambda: _profile_presence(daphne, replace(delta, prefix="pd"), plan, raw),
+            )
+    if name == "memory":
+        # The same storm as v1 clients (full lists), for the memory it leaves behind.
+        full = replace(delta, prefix="f", mode=presence.FULL)
+        with servers.fresh() as daphne:
+            _measure(
+                results, "presence_full", daphne, lambda: presence.follow_everyone(daphne, full, plan.presence_settle)
+            )
+    watch = presence.Storm(
+        "w",
+        plan.watch_clients,
+        presence.WATCH,
+        batch=plan.storm_batch,
+        workers=plan.watch_workers,
+        watch=plan.watch_size,
+        timeout=WATCH_TIMEOUT,
+    )
+    with ExitStack() as stack:
+        # In memory, one process; with Redis, two, each with half of the clients.
+        processes = [stack.enter_context(servers.fresh())]
+        if servers.redis is not None:
+            processes.append(stack.enter_context(servers.another()))
+        _measure(results, "presence_watch", processes[0], lambda: presence.follow_watch_lists(processes, watch))
+    if name == "memory":
+        # The same storm with empty watch lists: what the lists themselves cost per connection.
+        with servers.fresh() as daphne:
+            unwatched = replace(watch, prefix="e", watch=0)
+            _measure(results, "presence_watch_empty", daphne, lambda: presence.follow_watch_lists([daphne], unwatched))
 
 
 def run_peerjs(plan: Plan) -> dict[str, Any]:
@@ -269,8 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-redis", action="store_true", help="only the in-memory configuration")
     parser.add_argument("--skip-peerjs", action="store_true", help="no PeerJS comparison")
     parser.add_argument("--no-profile", action="store_true", help="no py-spy profiles")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="folder for latest.json and latest.md")
+    parser.add_argument(
+        "--only",
+        choices=["presence"],
+        help="only this group of measurements (no PeerJS, no micro-costs; written to bench/.work/results/)",
+    )
+    parser.add_argument("--output", type=Path, help="folder for latest.json and latest.md (default bench/results/)")
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = services.WORK / "results" if args.only else RESULTS
     plan = QUICK if args.quick else Plan()
     services.WORK.mkdir(parents=True, exist_ok=True)
     fd_limit = services.raise_fd_limit()
@@ -278,24 +377,26 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
+        "only": args.only,
         "machine": {**machine(), "open_file_limit": fd_limit},
         "plan": plan.__dict__ | {"storm_sizes": list(plan.storm_sizes)},
         "configurations": {},
     }
     profile = not args.no_profile
     print("memory: in-memory channel layer, SQLite", flush=True)
-    results["configurations"]["memory"] = run_configuration("memory", plan, profile)
+    results["configurations"]["memory"] = run_configuration("memory", plan, profile, only=args.only)
     if not args.skip_redis:
         print("redis: Redis channel layer and presence, PostgreSQL", flush=True)
         with ExitStack() as stack:
             redis = stack.enter_context(services.redis_server())
             postgres = stack.enter_context(services.postgres_cluster())
-            results["configurations"]["redis"] = run_configuration("redis", plan, profile, redis, postgres)
-    if not args.skip_peerjs:
+            results["configurations"]["redis"] = run_configuration("redis", plan, profile, redis, postgres, args.only)
+    if not (args.skip_peerjs or args.only):
         print(f"peerjs: PeerJS server {services.PEERJS_VERSION} (node)", flush=True)
         results["peerjs"] = run_peerjs(plan)
-    print("micro-costs ...", flush=True)
-    results["micro_costs_us"] = profiling.micro_costs()
+    if not args.only:
+        print("micro-costs ...", flush=True)
+        results["micro_costs_us"] = profiling.micro_costs()
     results["duration_s"] = round(time.monotonic() - began)
     results["summary"] = report.summary(results)
     args.output.mkdir(parents=True, exist_ok=True)

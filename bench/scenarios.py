@@ -49,7 +49,7 @@ def wait_idle(server: Process, threshold: float = 0.03, window: float = 0.5, tim
     return time.monotonic() - began
 
 
-def _generator_split(results: list[dict[str, Any]], seconds: float) -> list[float]:
+def generator_split(results: list[dict[str, Any]], seconds: float) -> list[float]:
     """Each load generator's CPU use over the window, as a share of one core."""
     return [round(r["cpu"] / seconds, 2) for r in results]
 
@@ -118,7 +118,7 @@ def relay(
         "msgs_per_cpu_s": round(received / server_cpu) if server_cpu else None,
         "msgs_per_s": round(received / seconds),
         "server_core_share": round(server_cpu / seconds, 2),
-        "generator_core_share": _generator_split(results, seconds),
+        "generator_core_share": generator_split(results, seconds),
         "unexpected_messages": sum(r["other"] for r in results),
         "errors": [e for r in results for e in r["errors"]][:5],
         **with_helper,
@@ -155,7 +155,7 @@ def round_trip(
         "p99_ms": round(percentile(samples, 0.99) * 1000, 2),
         "max_ms": round(max(samples) * 1000, 2),
         "server_core_share": round((cpu1 - cpu0) / seconds, 2),
-        "generator_core_share": _generator_split(results, seconds),
+        "generator_core_share": generator_split(results, seconds),
     }
 
 
@@ -236,7 +236,7 @@ def storm(
         "seconds": round(max(completed) - start_at, 2) if len(completed) == clients else None,
         "all_registered_s": round(max(r["registered_last"] for r in results) - start_at, 2),
         "server_cpu_s": round(cpu1 - cpu0, 2),
-        "generator_core_share": _generator_split(results, elapsed),
+        "generator_core_share": generator_split(results, elapsed),
     }
     if not hold:
         gen.release()

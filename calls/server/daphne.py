@@ -23,9 +23,12 @@ renamed an attribute would otherwise break a patch silently.
    scope): a liveness probe (a WebSocket ping it can await, `sendPing`/`onPong`)
    and a way to cut a dead socket (`abortConnection`). Added by wrapping
    `Server.create_application`.
-6. Text frames are encoded to UTF-8 once for all recipients: a presence list
-   sent to thousands of sockets is one str object (`last_encoded`, shared by
-   every connection on purpose).
+6. Text frames are encoded and framed once for all recipients: a presence
+   frame sent to thousands of sockets is one str object, made into one
+   autobahn `PreparedMessage` (`last_prepared`, shared by every connection on
+   purpose) whose bytes every transport holds by reference. Framing per socket
+   gave each its own copy until written: after a sign-in storm, 12 KB or more
+   per connection (docs/benchmarks.md, Presence).
 7. autobahn pretty-prints some forty settings for a debug log line on every
    new connection whether or not debug logging is on (`pformat` in its module
    and `Timings.__str__`): deferred until a line is written, 2-3% of the CPU of
@@ -119,19 +122,20 @@ def _install_protocol(autobahn_protocol: Any, Server: Any, WebSocketFactory: Any
 
     class BoundedWebSocketProtocol(WebSocketProtocol):
         bounded = True
-        # The last text frame encoded, shared by every connection: a presence list sent
-        # to thousands of sessions is one str object, encoded to UTF-8 once.
-        last_encoded: tuple[str, bytes] = ("", b"")
+        # The last text frame prepared, shared by every connection: a presence list sent
+        # to thousands of sessions is one str object, encoded and framed once.
+        last_prepared: tuple[str, Any] = ("", None)
 
         def serverSend(self, content: Any, binary: bool = False) -> None:
             if binary or self.state == self.STATE_CONNECTING:
                 super().serverSend(content, binary)
                 return
-            text, encoded = BoundedWebSocketProtocol.last_encoded
+            text, prepared = BoundedWebSocketProtocol.last_prepared
             if text is not content:
-                encoded = content.encode("utf8")
-                BoundedWebSocketProtocol.last_encoded = (content, encoded)
-            self.sendMessage(encoded, False)
+                # A server's frames are not masked: a prepared message is the same for every socket.
+                prepared = self.factory.prepareMessage(content.encode("utf8"), False)
+                BoundedWebSocketProtocol.last_prepared = (content, prepared)
+            self.sendPreparedMessage(prepared)
 
         def serverClose(self, code: int | None = None) -> None:
             # autobahn's sendClose only takes 1000 and 3000-4999, and daphne then drops
