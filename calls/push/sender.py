@@ -22,7 +22,7 @@ from django.conf import settings
 from calls.callflow.store import CallRecord
 from calls.observability import metrics
 from calls.push import subscriptions
-from calls.push.delivery import Delivery, Outcome, Provider
+from calls.push.delivery import Delivery, Outcome, Provider, Result
 from calls.wire.push import call_ended_payload, incoming_call_payload
 
 logger = logging.getLogger(__name__)
@@ -124,21 +124,19 @@ class PushSender:
                 result = await provider.send(delivery)
             except Exception as exc:  # noqa: BLE001 - one subscription's failure is not the others'
                 logger.warning("push failed", extra={"subscription": delivery.target.id, "error": repr(exc)})
-                result = None
-            outcome = result.outcome if result is not None else Outcome.FAILED
-            metrics.push_sent(provider.platform, outcome.value)
+                result = Result(Outcome.FAILED, "error")
+            metrics.push_sent(provider.platform, result.outcome.value)
             subscription_id = delivery.target.id
-            if outcome is Outcome.SENT:
+            if result.outcome is Outcome.SENT:
                 await database_sync_to_async(subscriptions.record_success)(subscription_id)
                 return
-            reason = result.reason if result is not None else "error"
-            if outcome is Outcome.GONE:
-                await database_sync_to_async(subscriptions.remove)(subscription_id, reason)
+            if result.outcome is Outcome.GONE:
+                await database_sync_to_async(subscriptions.remove)(subscription_id, result.reason)
                 return
-            wait = max(delay, result.retry_after or 0.0) if result is not None else delay
-            if outcome is Outcome.FAILED or time.time() + wait >= delivery.deadline:
-                await database_sync_to_async(subscriptions.record_failure)(subscription_id, reason)
-                logger.info("push not delivered", extra={"subscription": subscription_id, "reason": reason})
+            wait = max(delay, result.retry_after or 0.0)
+            if result.outcome is Outcome.FAILED or time.time() + wait >= delivery.deadline:
+                await database_sync_to_async(subscriptions.record_failure)(subscription_id, result.reason)
+                logger.info("push not delivered", extra={"subscription": subscription_id, "reason": result.reason})
                 return
             await asyncio.sleep(wait)
             delay = min(delay * 2, RETRY_MAX)

@@ -160,8 +160,24 @@ def token_identity(token: str | None) -> TokenIdentity:
     `user_id` is the token's `user_id` claim (the account's stable id, the same on
     every device), or the username when a backend's tokens carry none.
     """
-    username = verify_token(token)
-    claims = jwt.decode(token, options={"verify_signature": False})  # verified just above
+    if not token:
+        raise TokenInvalid("A token is required to register")
+    try:
+        claims = jwt.decode(
+            token,
+            settings.SIGNALING_JWT_SECRET,
+            algorithms=[JWT_ALGORITHM],
+            options={"require": ["exp", "sub"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise TokenInvalid("The token has expired") from None
+    except jwt.InvalidTokenError:
+        raise TokenInvalid("The token is not valid") from None
+    subject = claims["sub"]
+    try:
+        username = normalize_username(subject) if isinstance(subject, str) else normalize_username("")
+    except InvalidUsername:
+        raise TokenInvalid("The token's subject is not a valid username") from None
     user_id = claims.get("user_id")
     if not isinstance(user_id, str) or not 1 <= len(user_id) <= USER_ID_MAX or not _sendable(user_id):
         user_id = username
@@ -179,21 +195,4 @@ def _sendable(text: str) -> bool:
 
 def verify_token(token: str | None) -> str:
     """Return the username a valid token was issued for; raise TokenInvalid otherwise."""
-    if not token:
-        raise TokenInvalid("A token is required to register")
-    try:
-        claims = jwt.decode(
-            token,
-            settings.SIGNALING_JWT_SECRET,
-            algorithms=[JWT_ALGORITHM],
-            options={"require": ["exp", "sub"]},
-        )
-    except jwt.ExpiredSignatureError:
-        raise TokenInvalid("The token has expired") from None
-    except jwt.InvalidTokenError:
-        raise TokenInvalid("The token is not valid") from None
-    subject = claims["sub"]
-    try:
-        return normalize_username(subject) if isinstance(subject, str) else normalize_username("")
-    except InvalidUsername:
-        raise TokenInvalid("The token's subject is not a valid username") from None
+    return token_identity(token).username

@@ -12,7 +12,7 @@ describe("parseEvent", () => {
       type: "registered",
       username: "john",
       user_id: "u1",
-      ice_servers: [{ urls: ["turn:t:3478"], username: "1:john", credential: "c" }],
+      ice_servers: [{ urls: ["turn:127.0.0.1:3478"], username: "1:john", credential: "c" }],
       resume_token: "tok",
       resumed: true,
       calls: [{ call_id: "c1", peer_username: "jane", status: "answered" }],
