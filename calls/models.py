@@ -44,7 +44,8 @@ class Call(models.Model):
     # Null while the call is live, as `end_reason` is on the wire.
     end_reason = models.CharField(max_length=16, choices=EndReason.choices, null=True, blank=True)  # noqa: DJ001
     # Indexed by the first column of the figures index below.
-    created_at = models.DateTimeField(auto_now_add=True)
+    # Set by the call board when the call started (the row is written behind it).
+    created_at = models.DateTimeField(default=timezone.now)
     answered_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     ring_deadline = models.DateTimeField(null=True, blank=True)
@@ -84,7 +85,7 @@ class Call(models.Model):
 
 
 class CallEvent(models.Model):
-    """One status change of a call: the row `lifecycle.transition` writes."""
+    """One status change of a call: one transition of the call board, written by the history writer."""
 
     call = models.ForeignKey(Call, models.CASCADE, related_name="events")
     old_status = models.CharField(max_length=16, choices=CallStatus.choices, blank=True)
@@ -93,7 +94,8 @@ class CallEvent(models.Model):
     session = models.CharField(max_length=200, blank=True, help_text="Channel name of the acting session")
     username = models.CharField(max_length=64, blank=True, help_text="Who acted (empty: the server)")
     device = models.CharField(max_length=128, blank=True, help_text="The acting session's device_id")
-    at = models.DateTimeField(auto_now_add=True)
+    # When the transition happened (the row is written behind it, calls/callflow/history.py).
+    at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["at", "id"]

@@ -1,18 +1,22 @@
 """The call service: what sessions ask of calls, and telling both parties what happened.
 
 Sessions call it to start, answer, refuse and end calls; the reaper calls it to
-end calls whose parties vanished. Every change goes through the store
-(calls/callflow/store.py, on the database thread); the parties are then told
-through a `Courier`, which the session registry (calls/realtime/sessions.py)
+end calls whose parties vanished. Every change is one transition of the call
+board (calls/callflow/board.py), the one owner of live calls, in memory or in
+Redis; the transition then goes to the history writer (history.py), which
+writes it to the database behind the call. The parties are told through a
+`Courier`, which the session registry (calls/realtime/sessions.py)
 implements: the call flow never depends on how sessions are reached.
-Ring timers live here too: one per call this process started, cancelled when
-the call is answered or ends.
+Ring timers live here too: an early wake-up, on the process that started the
+call, for a deadline the board keeps (the reaper ends the calls of a process
+that died).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -22,17 +26,23 @@ from django.conf import settings
 from django.utils import timezone
 
 from calls.callflow import store as call_store
+from calls.callflow.board import SERVER, Actor, CallBoard, CallRecord, Transition
+from calls.callflow.history import HistoryWriter
 from calls.callflow.limits import CallLimits
+from calls.callflow.live import LiveCall
 from calls.callflow.states import CallStatus, EndReason
-from calls.callflow.store import Actor, CallRecord
+from calls.observability import metrics
 from calls.wire import events
 
 logger = logging.getLogger(__name__)
 
 # Seconds between attempts to deliver a call's end while the channel layer is down.
 DELIVERY_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
-# A ring timer may fire a hair early against the deadline written with the call.
+# A ring timer may fire a hair early against the deadline kept by the board.
 RING_DEADLINE_MARGIN = timedelta(milliseconds=50)
+# How long a call row may be live in the database and on no board before the reaper ends it:
+# longer than the history writer takes to write an end decided elsewhere.
+ORPHAN_GRACE = timedelta(seconds=3)
 
 
 class Courier(Protocol):
@@ -61,12 +71,23 @@ class Pusher(Protocol):
 class CallService:
     """Start, answer, refuse and end calls, and tell the parties; one per process."""
 
-    def __init__(self, courier: Courier, pusher: Pusher, track: Callable[[asyncio.Task], None]) -> None:
+    def __init__(
+        self,
+        board: CallBoard,
+        history: HistoryWriter,
+        courier: Courier,
+        pusher: Pusher,
+        track: Callable[[asyncio.Task], None],
+    ) -> None:
+        self.board = board
+        self.history = history
         self.courier = courier
         self.pusher = pusher
         self.track = track
         self.limits = CallLimits()
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # Call rows live in the database and on no board, with when this process first saw each.
+        self._suspects: dict[str, float] = {}
 
     # --- What sessions ask ------------------------------------------------
 
@@ -75,9 +96,24 @@ class CallService:
 
         With `push`, the callee has no socket open: its devices are woken by push too.
         """
-        record: CallRecord = await database_sync_to_async(call_store.start_call)(
-            caller, callee_username, settings.SIGNALING_RING_TIMEOUT, push
+        now = timezone.now()
+        multi = settings.SIGNALING_MULTI_CALL_USERS
+        ringing = CallRecord(
+            call_id=str(uuid.uuid4()),
+            caller_username=caller.username,
+            caller_id=caller_id,
+            callee_username=callee_username,
+            status=CallStatus.RINGING,
+            end_reason=None,
+            caller_channel=caller.session,
+            callee_channel="",
+            pushed=push,
+            ring_deadline=now + timedelta(seconds=settings.SIGNALING_RING_TIMEOUT),
+            caller_device=caller.device,
+            created_at=now,
         )
+        record = await self.board.start(ringing, caller.username in multi, callee_username in multi)
+        self._record(record, "", caller, now)
         if record.end_reason == EndReason.BUSY:
             return record
         if record.pushed:
@@ -89,7 +125,9 @@ class CallService:
 
     async def accept(self, call_id: str, callee: Actor) -> CallRecord:
         """Answer a ringing call from one session; tell the caller, and the callee's other sessions."""
-        record: CallRecord = await database_sync_to_async(call_store.accept_call)(call_id, callee)
+        now = timezone.now()
+        record = await self.board.accept(call_id, callee, now)
+        self._record(record, CallStatus.RINGING, callee, now)
         self.cancel_ring_timeout(call_id)
         if record.pushed:  # the callee's other devices stop ringing
             self.pusher.ring_ended(record, "answered_elsewhere")
@@ -99,38 +137,136 @@ class CallService:
 
     async def end(self, call_id: str, reason: EndReason, actor: Actor) -> None:
         """A party hangs up or refuses: end the call and tell both parties."""
-        record = await database_sync_to_async(call_store.end_call)(call_id, reason, actor, party=True)
+        record = await self._end(call_id, reason, actor, party=True)
         if record is not None:
             await self.notify_ended(record)
 
     async def end_calls_of(self, actor: Actor, went_offline: bool) -> None:
         """A session ended: end its calls (and the calls ringing for its user, if now offline)."""
-        for record in await database_sync_to_async(call_store.end_calls_of_session)(actor, went_offline):
-            await self.notify_ended(record)
+        call_ids = await self.board.calls_of_session(actor.session)
+        if went_offline:  # calls that need a session of it (a pushed call waits for a woken device)
+            call_ids += [record.call_id for record in await self.board.ringing_for(actor.username) if not record.pushed]
+        for call_id in dict.fromkeys(call_ids):
+            record = await self._end(call_id, EndReason.DISCONNECTED, actor)
+            if record is not None:
+                await self.notify_ended(record)
+
+    async def ringing_for(self, username: str) -> list[CallRecord]:
+        """The calls ringing for a user (a device that registers rings for them too)."""
+        return await self.board.ringing_for(username)
 
     async def move_session(self, old: str, new: str, call_ids: Iterable[str]) -> dict[str, CallRecord]:
-        """Point a resumed session's live calls at its new channel; return their state now."""
-        return await database_sync_to_async(call_store.move_session)(old, new, list(call_ids))
+        """Point a resumed session's live calls at its new channel; return their state now (ended ones too)."""
+        await self.board.move_session(old, new)
+        return await self.board.get(list(call_ids))
 
-    async def history(self, username: str, limit: int, session: str | None, since: datetime | None) -> list[dict]:
+    async def restore(self, session: Actor, calls: Iterable[LiveCall]) -> int:
+        """Write a session's calls back to a board that lost them (a Redis restart), from the session's view."""
+        now = timezone.now()
+        deadline = now + timedelta(seconds=settings.SIGNALING_RING_TIMEOUT)
+        records = []
+        for call in calls:
+            mine, theirs = (session.username, session.session), (call.peer_username, call.peer_channel)
+            (caller, caller_channel), (callee, callee_channel) = (mine, theirs) if call.is_caller else (theirs, mine)
+            records.append(
+                CallRecord(
+                    call_id=call.call_id,
+                    caller_username=caller,
+                    caller_id="",
+                    callee_username=callee,
+                    status=CallStatus.ANSWERED if call.answered else CallStatus.RINGING,
+                    end_reason=None,
+                    caller_channel=caller_channel,
+                    # Before the answer, every session of the callee rings.
+                    callee_channel=callee_channel if call.answered else "",
+                    ring_deadline=None if call.answered else deadline,
+                    answered_at=now if call.answered else None,
+                    created_at=now,
+                )
+            )
+        return await self.board.restore(records)
+
+    async def history_of(self, username: str, limit: int, session: str | None, since: datetime | None) -> list[dict]:
+        """A user's call history, newest first; what this process has queued is written first."""
+        await self.history.flush()
         return await database_sync_to_async(call_store.call_history)(username, limit, session, since)
 
     # --- What the reaper asks ---------------------------------------------
 
     async def end_calls_of_lost_sessions(self, sessions: list[Actor], online: set[str]) -> None:
         """Sessions whose process died: end their calls, and calls ringing for users now offline."""
-        for record in await database_sync_to_async(call_store.end_calls_of_lost_sessions)(sessions, online):
-            await self.notify_ended(record)
+        for session in sessions:
+            await self.end_calls_of(session, went_offline=session.username not in online)
 
     async def end_overdue(self, now: datetime | None = None) -> None:
         """End every call that rang past its deadline."""
-        for record in await database_sync_to_async(call_store.expire_overdue_calls)(now):
-            await self.notify_ended(record)
+        for call_id in await self.board.overdue(now or timezone.now()):
+            record = await self._end(call_id, EndReason.TIMEOUT, SERVER)
+            if record is not None:
+                await self.notify_ended(record)
 
     async def end_vanished(self, live_channels: set[str], online: list[str]) -> None:
-        """End live calls whose caller, answering session or ringing callee is gone."""
-        for record in await database_sync_to_async(call_store.end_calls_of_vanished)(live_channels, online):
-            await self.notify_ended(record)
+        """End live calls whose caller, answering session or ringing callee is gone.
+
+        A pushed call rings a callee who is offline on purpose: it waits for a woken device.
+        """
+        present = set(online)
+        for call in await self.board.live():
+            gone = call.caller_channel not in live_channels or (
+                call.callee_channel not in live_channels
+                if call.status == CallStatus.ANSWERED
+                else call.callee_username not in present and not call.pushed
+            )
+            if gone:
+                record = await self._end(call.call_id, EndReason.DISCONNECTED, SERVER)
+                if record is not None:
+                    await self.notify_ended(record)
+
+    async def end_orphan_rows(self) -> None:
+        """End call rows live in the database that no board holds any more.
+
+        Their process was killed before its history writer wrote their end (or
+        the whole Redis was lost). A row counts only once it has been seen so
+        for ORPHAN_GRACE: an end decided on another process may still be on its
+        way to the database.
+        """
+        await self.history.flush()
+        rows = await database_sync_to_async(call_store.live_rows)(timezone.now() - ORPHAN_GRACE)
+        held = await self.board.get(rows)
+        orphans = {call_id for call_id in rows if call_id not in held or not held[call_id].live}
+        now = asyncio.get_running_loop().time()
+        self._suspects = {call_id: self._suspects.get(call_id, now) for call_id in orphans}
+        due = [call_id for call_id, since in self._suspects.items() if now - since >= ORPHAN_GRACE.total_seconds()]
+        if due:
+            await database_sync_to_async(call_store.end_orphans)(due)
+            for call_id in due:
+                del self._suspects[call_id]
+
+    # --- Transitions --------------------------------------------------------
+
+    async def _end(self, call_id: str, reason: EndReason, actor: Actor, *, party: bool = False) -> CallRecord | None:
+        now = timezone.now()
+        record = await self.board.end(call_id, reason, actor, party, now)
+        if record is not None:
+            before = CallStatus.ANSWERED if record.answered_at is not None else CallStatus.RINGING
+            self._record(record, before, actor, now)
+        return record
+
+    def _record(self, record: CallRecord, old: str, actor: Actor, at: datetime) -> None:
+        """Queue a transition for the history, count it, and log it."""
+        self.history.add(Transition(record, old, actor, at))
+        metrics.call_transition(record.status, record.end_reason)
+        logger.info(
+            "call started" if not old else "call transition",
+            extra={
+                "call": record.call_id,
+                "old_status": old,
+                "new_status": record.status,
+                "reason": record.end_reason,
+                "session": actor.session,
+                "device": actor.device,
+            },
+        )
 
     # --- Ring timers --------------------------------------------------------
 
@@ -152,7 +288,7 @@ class CallService:
         await self.end_overdue(timezone.now() + RING_DEADLINE_MARGIN)
 
     def stop(self) -> None:
-        """Cancel every ring timer (the deadlines stay on the call rows for the reaper)."""
+        """Cancel every ring timer (the deadlines stay on the board, for the reaper)."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -183,7 +319,7 @@ class CallService:
     async def _send_or_retry(self, send: Callable[[], Awaitable[None]], call_id: str) -> None:
         """Send a call's end; while the layer is down (Redis restarting) keep trying in the background.
 
-        The call has already ended in the database: a party that is never told
+        The call has already ended on the board: a party that is never told
         would sit in a dead call.
         """
         try:

@@ -1,26 +1,22 @@
-"""Call persistence: every change of a call's status goes through `transition`.
+"""Call history in the database: the rows the history writer writes, and what reads them.
 
 Plain synchronous ORM code; the async side calls it through `database_sync_to_async`.
-Each function returns plain `CallRecord`s so that callers never touch the ORM.
+Live calls are not decided here: the call board (board.py) owns them, and
+every transition it makes reaches `write_history` in a batch (history.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from calls.callflow.states import END_STATUS, LIVE_STATUSES, CallStatus, EndReason, check_transition
+from calls.callflow.board import CallRecord, Transition
+from calls.callflow.states import END_STATUS, LIVE_STATUSES, CallStatus, EndReason
 from calls.models import Call, CallEvent, SignalingUser
-from calls.observability import metrics
-from calls.wire import protocol
-from calls.wire.errors import SignalingError
 
 logger = logging.getLogger(__name__)
 
@@ -28,106 +24,28 @@ logger = logging.getLogger(__name__)
 HISTORY_DELETE_BATCH = 1000
 
 
-@dataclass(frozen=True, slots=True)
-class CallRecord:
-    """What the async side needs to know about a call after a change."""
-
-    call_id: str
-    caller_username: str
-    caller_id: str
-    callee_username: str
-    status: str
-    end_reason: str | None
-    caller_channel: str
-    callee_channel: str
-    # Its callee's devices were woken by push (no socket was open).
-    pushed: bool = False
-    ring_deadline: datetime | None = None
-
-    @classmethod
-    def of(cls, call: Call) -> CallRecord:
-        return cls(
-            call_id=str(call.id),
-            caller_username=call.caller.username,
-            caller_id=call.caller.user_id,
-            callee_username=call.callee.username,
-            status=call.status,
-            end_reason=call.end_reason,
-            caller_channel=call.caller_channel,
-            callee_channel=call.callee_channel,
-            pushed=call.pushed,
-            ring_deadline=call.ring_deadline,
-        )
+# Status order: a row is only ever moved forward (writers of two processes may commit out of order).
+_RANK = {CallStatus.RINGING: 0, CallStatus.ANSWERED: 1}
+_CALL_FIELDS = [
+    "status",
+    "end_reason",
+    "answered_at",
+    "ended_at",
+    "ring_deadline",
+    "caller_channel",
+    "callee_channel",
+    "caller_device",
+    "callee_device",
+    "pushed",
+]
 
 
-@dataclass(frozen=True, slots=True)
-class Actor:
-    """Who makes a change: a session (its channel, user and device), or the server (all empty)."""
-
-    session: str = ""
-    username: str = ""
-    device: str = ""
+def _rank(status: str) -> int:
+    return _RANK.get(status, 2)
 
 
-SERVER = Actor()
-
-
-def _record_event(call: Call, old: str, reason: str | None, actor: Actor) -> None:
-    CallEvent.objects.create(
-        call=call,
-        old_status=old,
-        new_status=call.status,
-        reason=reason,
-        session=actor.session,
-        username=actor.username,
-        device=actor.device,
-    )
-
-
-def _transition(call: Call, new: CallStatus, reason: EndReason | None, actor: Actor) -> None:
-    """Apply one allowed transition to a row locked by the caller, and record it."""
-    old = call.status
-    check_transition(old, new, reason)
-    now = timezone.now()
-    call.status = new
-    call.end_reason = reason
-    if new == CallStatus.ANSWERED:
-        call.answered_at = now
-        call.callee_channel = actor.session
-        call.callee_device = actor.device
-    elif new not in LIVE_STATUSES:
-        call.ended_at = now
-    call.save(update_fields=["status", "end_reason", "answered_at", "ended_at", "callee_channel", "callee_device"])
-    _record_event(call, old, reason, actor)
-    transaction.on_commit(lambda: metrics.call_transition(new, reason))
-    logger.info(
-        "call transition",
-        extra={
-            "call": str(call.id),
-            "old_status": old,
-            "new_status": new,
-            "reason": reason,
-            "session": actor.session,
-            "device": actor.device,
-        },
-    )
-
-
-def _locked_live_call(call_id: str) -> Call | None:
-    return (
-        Call.objects.select_for_update()
-        .select_related("caller", "callee")
-        .filter(pk=call_id, status__in=LIVE_STATUSES)
-        .first()
-    )
-
-
-def touch_users(users: dict[str, str]) -> dict[str, list[CallRecord]]:
-    """Record that these users (username -> user_id) registered now, in one statement.
-
-    Return the calls ringing for each of them (a device that registers rings for
-    those too): one more query for the whole batch, not one per registration.
-    """
+def touch_users(users: dict[str, str]) -> None:
+    """Record that these users (username -> user_id) registered now, in one statement."""
     now = timezone.now()
     # One INSERT ... ON CONFLICT statement instead of a locked read and a write per user.
     # Rows in username order: two processes writing overlapping batches lock them in
@@ -141,175 +59,127 @@ def touch_users(users: dict[str, str]) -> dict[str, list[CallRecord]]:
         unique_fields=["username"],
         update_fields=["user_id", "last_seen"],
     )
-    ringing: dict[str, list[CallRecord]] = {username: [] for username in users}
-    calls = (
-        Call.objects.filter(status=CallStatus.RINGING, callee__username__in=list(users))
-        .select_related("caller", "callee")
-        .order_by("created_at")
+
+
+def _user_rows(transitions: list[Transition]) -> dict[str, int]:
+    """The user rows of every party, by username; a party never registered here gets one."""
+    known_ids: dict[str, str] = {}
+    for transition in transitions:
+        record = transition.record
+        known_ids.setdefault(record.callee_username, "")
+        known_ids[record.caller_username] = record.caller_id or known_ids.get(record.caller_username, "")
+    rows = dict(SignalingUser.objects.filter(username__in=list(known_ids)).values_list("username", "pk"))
+    missing = sorted(set(known_ids) - set(rows))
+    if missing:
+        now = timezone.now()
+        SignalingUser.objects.bulk_create(
+            [SignalingUser(username=name, user_id=known_ids[name], first_seen=now, last_seen=now) for name in missing],
+            ignore_conflicts=True,
+        )
+        rows.update(SignalingUser.objects.filter(username__in=missing).values_list("username", "pk"))
+    return rows
+
+
+def _row(record: CallRecord, users: dict[str, int]) -> Call:
+    return Call(
+        id=record.call_id,
+        caller_id=users[record.caller_username],
+        callee_id=users[record.callee_username],
+        status=record.status,
+        end_reason=record.end_reason,
+        created_at=record.created_at,
+        answered_at=record.answered_at,
+        ended_at=record.ended_at,
+        ring_deadline=record.ring_deadline,
+        caller_channel=record.caller_channel,
+        callee_channel=record.callee_channel,
+        caller_device=record.caller_device,
+        callee_device=record.callee_device,
+        pushed=record.pushed,
     )
-    for call in calls:
-        ringing[call.callee.username].append(CallRecord.of(call))
-    return ringing
 
 
-def start_call(caller: Actor, callee_username: str, ring_timeout: float, pushed: bool = False) -> CallRecord:
-    """Create a call: ringing, or busy when either party already has a live call.
+def _moved_forward(row: Call, record: CallRecord) -> Call:
+    """The row brought up to `record`: its status from the record, what the row knew first kept.
 
-    Both users' rows are locked in a fixed order, so two calls racing towards the
-    same user are serialised and the second one sees the first.
+    A call written back after a Redis restart (board.py `restore`) knows only
+    what its sessions knew: not when it started or was answered, nor on which devices.
+    """
+    row.status, row.end_reason, row.ended_at = record.status, record.end_reason, record.ended_at
+    row.answered_at = row.answered_at or record.answered_at
+    row.ring_deadline = row.ring_deadline or record.ring_deadline
+    row.caller_device = row.caller_device or record.caller_device
+    row.callee_device = row.callee_device or record.callee_device
+    # Sessions that resumed moved to new channels: the record knows where they are now.
+    row.caller_channel = record.caller_channel or row.caller_channel
+    row.callee_channel = record.callee_channel or row.callee_channel
+    row.pushed = row.pushed or record.pushed
+    return row
+
+
+def write_history(transitions: list[Transition]) -> None:
+    """Write a batch of call transitions: each call's row as it is now, and one event per transition.
+
+    A call's row may be written first by another process (the callee answered
+    there, and that process wrote first): rows are inserted when missing, and
+    otherwise only moved forward (ringing, answered, ended), never back.
+    """
+    latest: dict[str, CallRecord] = {}
+    for transition in transitions:
+        latest[transition.record.call_id] = transition.record
+    with transaction.atomic():
+        users = _user_rows(transitions)
+        Call.objects.bulk_create([_row(record, users) for record in latest.values()], ignore_conflicts=True)
+        behind = [
+            _moved_forward(row, latest[str(row.pk)])
+            for row in Call.objects.select_for_update().filter(pk__in=list(latest))
+            if _rank(row.status) < _rank(latest[str(row.pk)].status)
+        ]
+        if behind:
+            Call.objects.bulk_update(behind, _CALL_FIELDS)
+        CallEvent.objects.bulk_create(
+            [
+                CallEvent(
+                    call_id=transition.record.call_id,
+                    old_status=transition.old_status,
+                    new_status=transition.record.status,
+                    reason=transition.record.end_reason,
+                    session=transition.actor.session,
+                    username=transition.actor.username,
+                    device=transition.actor.device,
+                    at=transition.at,
+                )
+                for transition in transitions
+            ],
+            batch_size=500,
+        )
+
+
+def live_rows(before: datetime) -> list[str]:
+    """The ids of calls live in the database that started before `before`."""
+    return [str(pk) for pk in Call.objects.live().filter(created_at__lt=before).values_list("pk", flat=True)]
+
+
+def end_orphans(call_ids: list[str]) -> int:
+    """End call rows still live in the database though no board holds them (their process was killed).
+
+    They end as a lost party ends them: a ringing call failed, an answered one
+    completed, both `disconnected`, at the time of this sweep.
     """
     now = timezone.now()
-    caller_username = caller.username
+    ended = 0
     with transaction.atomic():
-        users = {
-            u.username: u
-            for u in SignalingUser.objects.select_for_update()
-            .filter(username__in=[caller_username, callee_username])
-            .order_by("pk")
-        }
-        caller_row, callee = users[caller_username], users.get(callee_username)
-        if callee is None:  # listed, but its registration has not reached the database yet
-            raise SignalingError(protocol.USER_OFFLINE_CODE, f"{callee_username} is not online")
-        multi = settings.SIGNALING_MULTI_CALL_USERS
-        if caller_username not in multi and Call.objects.live().involving(caller_row).exists():
-            raise SignalingError(protocol.ALREADY_IN_CALL, "You are already in a call; end it first")
-        busy = callee_username not in multi and Call.objects.live().involving(callee).exists()
-        call = Call.objects.create(
-            caller=caller_row,
-            callee=callee,
-            status=CallStatus.BUSY if busy else CallStatus.RINGING,
-            end_reason=EndReason.BUSY if busy else None,
-            ended_at=now if busy else None,
-            ring_deadline=None if busy else now + timedelta(seconds=ring_timeout),
-            caller_channel=caller.session,
-            caller_device=caller.device,
-            pushed=pushed and not busy,
-        )
-        _record_event(call, "", call.end_reason, caller)
-        status, reason = call.status, call.end_reason
-        transaction.on_commit(lambda: metrics.call_transition(status, reason))
-    logger.info(
-        "call started",
-        extra={
-            "call": str(call.id),
-            "caller": caller_username,
-            "callee": callee_username,
-            "status": call.status,
-            "session": caller.session,
-            "device": caller.device,
-        },
-    )
-    return CallRecord.of(call)
-
-
-def accept_call(call_id: str, callee: Actor) -> CallRecord:
-    """Answer a ringing call from one of the callee's sessions; the first one wins."""
-    with transaction.atomic():
-        call = _locked_live_call(call_id)
-        if call is None or call.callee.username != callee.username or call.status != CallStatus.RINGING:
-            raise SignalingError(protocol.NOT_RINGING, "That call is not ringing for you")
-        _transition(call, CallStatus.ANSWERED, None, callee)
-        return CallRecord.of(call)
-
-
-def end_call(call_id: str, reason: EndReason, actor: Actor = SERVER, *, party: bool = False) -> CallRecord | None:
-    """End a live call for `reason`; None when it had already ended.
-
-    With `party`, the actor must be the caller or the callee (a hang-up or a
-    rejection); otherwise the server ends it (a drop, a timeout).
-    """
-    by_username = actor.username if party else None
-    with transaction.atomic():
-        call = _locked_live_call(call_id)
-        if call is None:
-            return None
-        if by_username is not None and by_username not in (call.caller.username, call.callee.username):
-            return None
-        if reason == EndReason.REJECTED and call.status != CallStatus.RINGING:
-            raise SignalingError(protocol.NOT_RINGING, "That call is not ringing for you")
-        # A hang-up before the answer is the caller cancelling (or the callee refusing).
-        if call.status == CallStatus.RINGING and reason == EndReason.HANGUP:
-            by_caller = by_username == call.caller.username
-            reason = EndReason.CANCELLED if by_caller else EndReason.REJECTED
-        new_status = END_STATUS.get((CallStatus(call.status), reason))
-        if new_status is None:  # e.g. a ring timeout firing after the answer
-            return None
-        _transition(call, new_status, reason, actor)
-        return CallRecord.of(call)
-
-
-def expire_overdue_calls(now: datetime | None = None) -> list[CallRecord]:
-    """End every ringing call whose ring deadline has passed, with reason timeout."""
-    now = now or timezone.now()
-    overdue = Call.objects.filter(status=CallStatus.RINGING, ring_deadline__lte=now).values_list("pk", flat=True)
-    ended = [end_call(str(pk), EndReason.TIMEOUT) for pk in list(overdue)]
-    return [record for record in ended if record is not None]
-
-
-def end_calls_of_vanished(live_channels: Iterable[str], online_usernames: Iterable[str]) -> list[CallRecord]:
-    """End live calls whose caller session, answering session or ringing callee is gone.
-
-    A pushed call rings a callee who is offline on purpose: it waits for a woken device.
-    """
-    live = set(live_channels)
-    online = set(online_usernames)
-    doomed = []
-    for call in Call.objects.live().select_related("callee"):
-        gone = call.caller_channel not in live or (
-            call.callee_channel not in live
-            if call.status == CallStatus.ANSWERED
-            else call.callee.username not in online and not call.pushed
-        )
-        if gone:
-            doomed.append(str(call.pk))
-    ended = [end_call(pk, EndReason.DISCONNECTED) for pk in doomed]
-    return [record for record in ended if record is not None]
-
-
-def calls_of_session(session: str) -> list[str]:
-    """Return the ids of live calls this session made or answered."""
-    return [
-        str(pk)
-        for pk in Call.objects.live()
-        .filter(Q(caller_channel=session) | Q(callee_channel=session))
-        .values_list("pk", flat=True)
-    ]
-
-
-def move_session(old: str, new: str, call_ids: Iterable[str]) -> dict[str, CallRecord]:
-    """Point the live calls of a resumed session at its new channel.
-
-    Return the current state of the calls the session knew of (`call_ids`),
-    which may have been answered or ended while it was away.
-    """
-    with transaction.atomic():
-        Call.objects.live().filter(caller_channel=old).update(caller_channel=new)
-        Call.objects.live().filter(callee_channel=old).update(callee_channel=new)
-        calls = Call.objects.filter(pk__in=list(call_ids)).select_related("caller", "callee")
-        return {str(call.id): CallRecord.of(call) for call in calls}
-
-
-def end_calls_of_session(actor: Actor, went_offline: bool) -> list[CallRecord]:
-    """End the calls a closed session held, and the calls ringing for its user if now offline."""
-    call_ids = calls_of_session(actor.session)
-    if went_offline:
-        call_ids += ringing_calls_to(actor.username)
-    ended = [end_call(call_id, EndReason.DISCONNECTED, actor) for call_id in dict.fromkeys(call_ids)]
-    return [record for record in ended if record is not None]
-
-
-def end_calls_of_lost_sessions(sessions: Iterable[Actor], online: set[str]) -> list[CallRecord]:
-    """End the calls of sessions whose lease expired, and calls ringing for their users now offline."""
-    ended = []
-    for session in sessions:
-        ended += end_calls_of_session(session, went_offline=session.username not in online)
+        for call in Call.objects.select_for_update().filter(pk__in=call_ids, status__in=LIVE_STATUSES):
+            old = call.status
+            reason = EndReason.DISCONNECTED
+            call.status = END_STATUS[(CallStatus(old), reason)]
+            call.end_reason, call.ended_at = reason, now
+            call.save(update_fields=["status", "end_reason", "ended_at"])
+            CallEvent.objects.create(call=call, old_status=old, new_status=call.status, reason=reason, at=now)
+            ended += 1
+    if ended:
+        logger.warning("calls left live by a lost process ended", extra={"calls": ended})
     return ended
-
-
-def ringing_calls_to(username: str) -> list[str]:
-    """Return the ids of calls ringing for `username` that need a session of it (not pushed ones)."""
-    ringing = Call.objects.filter(status=CallStatus.RINGING, callee__username=username, pushed=False)
-    return [str(pk) for pk in ringing.values_list("pk", flat=True)]
 
 
 def call_history(username: str, limit: int, session: str | None = None, since: datetime | None = None) -> list[dict]:

@@ -2,8 +2,9 @@
 
 Two sources, read in two steps. What is live comes from this process's runtime, on
 the event loop it is bound to (`read_live_state`, async): who is online from the
-presence store (Redis, when configured: every process's sessions), and which
-sessions this process holds from its registry. The history comes from the
+presence store (Redis, when configured: every process's sessions), which
+sessions this process holds from its registry, and the live calls from the
+call board (calls/callflow/board.py). The history comes from the
 database (`dashboard_context`, sync, in a thread): calls/callflow/stats.py, one
 aggregate query per chart. The admin view (calls/admin.py) runs the first, then
 the second, and renders admin/calls/dashboard.html.
@@ -23,7 +24,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from calls.callflow import stats
-from calls.callflow.states import CallStatus, EndReason
+from calls.callflow.board import CallRecord
+from calls.callflow.states import LIVE_STATUSES, CallStatus, EndReason
 from calls.http import charts
 from calls.models import SignalingUser
 from calls.presence.base import StoreUnavailable
@@ -59,20 +61,28 @@ class LiveState:
     # Every live session, on any process (the presence store), and those of this process.
     sessions: frozenset[str]
     local: frozenset[str]
+    # Every live call, from the call board (None: it did not answer; the history's live rows are shown).
+    calls: tuple[CallRecord, ...] | None = None
 
 
 async def read_live_state() -> LiveState:
     """Read who is online and which sessions live, from the runtime of the running event loop."""
     runtime = Runtime.current()
     local = frozenset(runtime.sessions.channels())
+    calls = None
+    try:
+        async with asyncio.timeout(PRESENCE_TIMEOUT):
+            calls = tuple(await runtime.board.live())
+    except Exception as exc:  # noqa: BLE001 - the board's errors depend on where it lives
+        logger.warning("dashboard: the call board did not answer", extra={"error": repr(exc)})
     try:
         async with asyncio.timeout(PRESENCE_TIMEOUT):
             online = await runtime.store.online_users()
             sessions = frozenset(await runtime.store.live_channels())
     except (StoreUnavailable, TimeoutError) as exc:
         logger.warning("dashboard: the presence store did not answer", extra={"error": repr(exc)})
-        return LiveState(None, frozenset(), local)
-    return LiveState(online, sessions, local)
+        return LiveState(None, frozenset(), local, calls)
+    return LiveState(online, sessions, local, calls)
 
 
 def _seconds(value: timedelta | None) -> str:
@@ -139,20 +149,34 @@ def _session_state(channel: str, live: LiveState) -> str:
 
 
 def _live_calls(live: LiveState, now: datetime) -> dict[str, Any]:
-    counts = stats.live_call_count()
-    rows = []
-    for call in stats.live_calls(LISTED):
-        since = call.answered_at or call.created_at
-        rows.append(
-            {
-                "call": call,
-                "url": reverse("admin:calls_call_change", args=[call.pk]),
-                "short_id": call.pk.hex[:8],
-                "for": _seconds(now - since),
-                "caller_session": _session_state(call.caller_channel, live),
-                "callee_session": _session_state(call.callee_channel, live),
-            }
-        )
+    if live.calls is not None:  # the board: the live calls themselves
+        calls = sorted(live.calls, key=lambda call: call.created_at or now, reverse=True)
+        counts = {status: sum(1 for call in calls if call.status == status) for status in LIVE_STATUSES}
+        listed = [
+            (call.call_id, call.caller_username, call.callee_username, call.status, call.answered_at or call.created_at)
+            + (call.caller_channel, call.callee_channel)
+            for call in calls[:LISTED]
+        ]
+    else:  # the history's live rows, up to a second behind
+        counts = stats.live_call_count()
+        listed = [
+            (str(call.pk), call.caller.username, call.callee.username, call.status, call.answered_at or call.created_at)
+            + (call.caller_channel, call.callee_channel)
+            for call in stats.live_calls(LISTED)
+        ]
+    rows = [
+        {
+            "caller": caller,
+            "callee": callee,
+            "status": status,
+            "url": reverse("admin:calls_call_change", args=[call_id]),
+            "short_id": call_id.replace("-", "")[:8],
+            "for": _seconds(now - since) if since else "–",
+            "caller_session": _session_state(caller_channel, live),
+            "callee_session": _session_state(callee_channel, live),
+        }
+        for call_id, caller, callee, status, since, caller_channel, callee_channel in listed
+    ]
     return {
         "ringing": counts[CallStatus.RINGING],
         "in_progress": counts[CallStatus.ANSWERED],

@@ -3,7 +3,7 @@
 A line is `ts=... level=... logger=... msg="..."`, then every field passed with
 `extra=` in the order given, then `exc=` when there is a traceback or stack:
 
-    ts=2026-11-26T01:02:03.456Z level=info logger=calls.callflow.store msg="call started" call=3f2a... session=...
+    ts=2026-11-26T01:02:03.456Z level=info logger=calls.callflow.service msg="call started" call=3f2a... session=...
 
 A logfmt value is written bare when it has no space, quote, backslash, `=` or
 control character; otherwise it is quoted and escaped as a JSON string literal,

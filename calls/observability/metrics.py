@@ -83,12 +83,25 @@ CALL_TRANSITIONS = Counter(
     ["status", "reason"],
     registry=REGISTRY,
 )
+HISTORY_BACKLOG = Gauge(
+    "signaling_history_backlog",
+    "Call transitions decided and not yet written to the database (calls/callflow/history.py).",
+    registry=REGISTRY,
+)
 RELAY_SECONDS = Histogram(
     "signaling_relay_seconds",
     "Time from receiving an offer, answer or candidate to sending it to the other party.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     registry=REGISTRY,
 )
+
+
+def history_queued(count: int) -> None:
+    HISTORY_BACKLOG.inc(count)
+
+
+def history_written(count: int) -> None:
+    HISTORY_BACKLOG.dec(count)
 
 
 def connection_opened() -> None:

@@ -7,8 +7,8 @@
 - A watch on the store's epoch, which changes when the store loses its data (a
   Redis restart). Then the process waits until the channel layer delivers to it
   again, joins its groups again, writes its sessions' leases back (closing with
-  1012 a session whose username went to another user meanwhile) and announces
-  the change. For a lease period and a probe timeout after that, the reaper
+  1012 a session whose username went to another user meanwhile), writes the
+  calls its sessions know of back to the call board, and announces the change. For a lease period and a probe timeout after that, the reaper
   does not take a session missing from the store for a dead one
   (`may_reap_vanished`): other processes may still be writing theirs back.
 
@@ -27,6 +27,8 @@ from typing import Any
 
 from django.conf import settings
 
+from calls.callflow.board import Actor
+from calls.callflow.service import CallService
 from calls.presence.base import PresenceStore, StoreUnavailable
 from calls.realtime.groups import PRESENCE_GROUP, user_group
 from calls.realtime.sessions import Session, SessionRegistry
@@ -48,6 +50,7 @@ class LeaseKeeper:
         store: PresenceStore,
         layer: Any,
         sessions: SessionRegistry,
+        calls: CallService,
         lease_seconds: float,
         presence_changed: Callable[[], Awaitable[None]],
         name: str,
@@ -55,6 +58,7 @@ class LeaseKeeper:
         self.store = store
         self.layer = layer
         self.sessions = sessions
+        self.calls = calls
         self.lease_seconds = lease_seconds
         self.presence_changed = presence_changed
         self.name = name
@@ -84,8 +88,11 @@ class LeaseKeeper:
                 logger.exception(failure, extra={"runtime": self.name})
 
     async def renew(self) -> None:
-        missing = await self.store.renew(self.sessions.channels(), self.lease_seconds)
+        channels = self.sessions.channels()
+        missing = await self.store.renew(channels, self.lease_seconds)
         self._store_reachable()
+        # A shared board lets the calls of sessions nobody renews expire.
+        await self.calls.board.renew(channels, self.lease_seconds)
         # After a store restart every lease is missing: the watch restores those.
         if missing and await self.store_unchanged():
             logger.warning(
@@ -153,7 +160,14 @@ class LeaseKeeper:
             if consumer.session is not None:
                 await self.layer.group_add(user_group(consumer.session.username), consumer.channel_name)
         await self._rejoin(consumers)
+        # The board lived in the same Redis: each session writes back the calls it knows of.
+        restored = 0
+        for consumer in consumers:
+            if consumer.session is not None:
+                actor = Actor(consumer.channel_name, consumer.session.username)
+                restored += await self.calls.restore(actor, consumer.live_calls())
         await self.presence_changed()
+        logger.info("calls written back to the board", extra={"runtime": self.name, "calls": restored})
         logger.info("state restored after the presence store came back", extra={"runtime": self.name})
 
     async def _layer_delivers(self, process_channel: str) -> None:

@@ -2,10 +2,11 @@
 
 Each sweep expires the presence leases of dead processes and ends their
 sessions' calls, ends calls that rang past their deadline (a ring timer is
-only an early wake-up: the deadline is on the call row), and ends live calls
-whose caller, answering session or ringing callee is gone from the store.
-Every process sweeps; the store and the call rows make the outcome the same
-whichever does it first.
+only an early wake-up: the deadline is on the call board), ends live calls
+whose caller, answering session or ringing callee is gone from the store, and
+ends call rows the database still shows live though no board holds them (a
+process killed before its history writer wrote their end). Every process
+sweeps; the board makes the outcome the same whichever does it first.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+from calls.callflow.board import Actor
 from calls.callflow.service import CallService
-from calls.callflow.store import Actor
 from calls.presence.base import PresenceStore
 from calls.process.leases import LeaseKeeper
 from calls.realtime.sessions import SessionRegistry
@@ -58,3 +59,4 @@ class Reaper:
             # A store that restarted between the two checks holds a partial picture.
             if await self.leases.store_unchanged():
                 await self.calls.end_vanished(live, online)
+                await self.calls.end_orphan_rows()

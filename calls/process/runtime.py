@@ -30,6 +30,9 @@ from django.conf import settings
 from django.utils import timezone
 
 from calls.callflow import store as call_store
+from calls.callflow.board import CallBoard
+from calls.callflow.board_memory import MemoryCallBoard
+from calls.callflow.history import HistoryWriter
 from calls.callflow.service import CallService
 from calls.callflow.users import UserRows
 from calls.presence.base import PresenceStore
@@ -57,6 +60,17 @@ def make_store() -> PresenceStore:
     return MemoryPresenceStore()
 
 
+def make_board() -> CallBoard:
+    """The call board: in Redis when the processes share one, else in this process's memory."""
+    if settings.REDIS_URL:
+        from calls.callflow.board_redis import RedisCallBoard
+
+        # A live call's key outlives its sessions' leases; renewals extend it (LeaseKeeper).
+        ttl = settings.SIGNALING_PRESENCE_TTL
+        return RedisCallBoard(settings.REDIS_URL, live_ttl=max(3 * ttl, settings.SIGNALING_RING_TIMEOUT + ttl))
+    return MemoryCallBoard()
+
+
 class Runtime:
     """Process-wide parts and background jobs, bound to one event loop; the `Services` of its consumers."""
 
@@ -69,7 +83,9 @@ class Runtime:
         self.hub = PresenceHub(self.store, settings.SIGNALING_PRESENCE_WINDOW_MS / 1000)
         self.sessions = SessionRegistry(self.layer, self.hub)
         self.push = PushSender(providers_from_settings(), self.track)
-        self.calls = CallService(self.sessions, self.push, self.track)
+        self.board = make_board()
+        self.history = HistoryWriter(settings.SIGNALING_HISTORY_DELAY_MS / 1000)
+        self.calls = CallService(self.board, self.history, self.sessions, self.push, self.track)
         self.users = UserRows()
         self.limits = ConnectionLimits()
         ttl = settings.SIGNALING_PRESENCE_TTL
@@ -80,7 +96,13 @@ class Runtime:
         self._sweep_interval = min(settings.SIGNALING_REAPER_INTERVAL, ttl / 3)
         self._watch_interval = min(STORE_WATCH_INTERVAL, ttl / 4)
         self.leases = LeaseKeeper(
-            self.store, self.layer, self.sessions, self.lease_seconds, self.presence_changed, self.process_id
+            self.store,
+            self.layer,
+            self.sessions,
+            self.calls,
+            self.lease_seconds,
+            self.presence_changed,
+            self.process_id,
         )
         self.reaper = Reaper(self.store, self.sessions, self.calls, self.leases, self.presence_changed, self.process_id)
         self.process_channel = ""
@@ -147,6 +169,10 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.calls.stop()
+        # The history queued so far is written before the process goes (a graceful shutdown).
+        await self.history.stop()
+        with contextlib.suppress(Exception):
+            await self.board.close()
         with contextlib.suppress(Exception):
             await self.store.close()
         with contextlib.suppress(Exception):

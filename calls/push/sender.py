@@ -19,7 +19,7 @@ from collections.abc import Callable
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from calls.callflow.store import CallRecord
+from calls.callflow.board import CallRecord
 from calls.observability import metrics
 from calls.push import subscriptions
 from calls.push.delivery import Delivery, Outcome, Provider, Result

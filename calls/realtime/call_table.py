@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 from django.conf import settings
 
+from calls.callflow.board import Actor, CallRecord
 from calls.callflow.live import LiveCall
 from calls.callflow.states import EndReason
-from calls.callflow.store import Actor, CallRecord
 from calls.observability import metrics
 from calls.presence.base import SessionInfo
 from calls.realtime.sessions import Services
@@ -140,7 +140,7 @@ class CallTable:
             session, since = None, None
         else:  # nothing proves this is who used the name before: only this session's calls
             session, since = party.channel_name, party.registered_at
-        calls = await party.services.calls.history(party.session.username, message.limit, session, since)
+        calls = await party.services.calls.history_of(party.session.username, message.limit, session, since)
         await party.send_json(protocol.call_history(calls))
 
     async def ring_waiting(self, ringing: list[CallRecord]) -> None:

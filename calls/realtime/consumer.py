@@ -26,7 +26,8 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from calls.callflow.store import Actor
+from calls.callflow.board import Actor
+from calls.callflow.live import LiveCall
 from calls.observability import metrics
 from calls.presence.base import SessionInfo
 from calls.presence.hub import FULL
@@ -252,8 +253,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         came_online = await join_presence(self.services, session)
         self.became(session, mode, message.watch or ())
         await self.channel_layer.group_add(user_group(username), self.channel_name)
-        # Before the reply: once a client is registered, a call to it on any process finds its row.
-        ringing = await self.services.users.touch(username, user_id)
+        await self.services.users.touch(username, user_id)
+        ringing = await self.services.calls.ringing_for(username)
         logger.info(
             "session registered", extra={"session": self.channel_name, "user": username, "device": self.device_id}
         )
@@ -294,6 +295,9 @@ class SignalingConsumer(AsyncWebsocketConsumer):
     def actor(self) -> Actor:
         """This session as the actor of a call change."""
         return Actor(self.channel_name, self.session.username if self.session else "", self.device_id)
+
+    def live_calls(self) -> list[LiveCall]:
+        return list(self.table.calls.values())
 
     # --- Events for this consumer from this process ---------------------
 

@@ -40,9 +40,9 @@ from channels.exceptions import StopConsumer
 from django.conf import settings
 from django.core import signing
 
+from calls.callflow.board import CallRecord
 from calls.callflow.live import LiveCall
 from calls.callflow.states import CallStatus, EndReason
-from calls.callflow.store import CallRecord
 from calls.presence.base import SessionInfo
 from calls.realtime.call_table import CallTable
 from calls.realtime.groups import user_group

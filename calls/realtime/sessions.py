@@ -18,6 +18,7 @@ import logging
 import uuid
 from typing import Any, Protocol
 
+from calls.callflow.live import LiveCall
 from calls.callflow.service import CallService
 from calls.callflow.users import UserRows
 from calls.observability import metrics
@@ -55,6 +56,9 @@ class Session(Protocol):
 
     async def send_text(self, text: str) -> None:
         """Send a frame to the client."""
+
+    def live_calls(self) -> list[LiveCall]:
+        """The session's view of its calls (written back to a call board that lost them)."""
 
     async def send_error(self, code: str, message: str) -> None:
         """Send an error to the client."""

@@ -8,11 +8,13 @@ with a deadline, and the process is always terminated afterwards.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +43,9 @@ def wait_for_port(port: int, deadline_s: float = 30.0, proc: subprocess.Popen | 
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {deadline_s} s")
 
 
+METRICS_TOKEN = "test-metrics-token"  # noqa: S105 - loopback test servers only
+
+
 def server_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     """The environment of a test server: the test's own settings, no inherited SIGNALING_*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SIGNALING_", "DJANGO_SETTINGS"))}
@@ -50,6 +55,8 @@ def server_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
         {
             "DATABASE_URL": f"sqlite:///{tmp_path / 'server.sqlite3'}",
             "PYTHONUNBUFFERED": "1",
+            # Tests read /metrics, e.g. to wait until the call history is written (history_written).
+            "SIGNALING_METRICS_TOKEN": METRICS_TOKEN,
             "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         }
     )
@@ -97,6 +104,28 @@ class DaphneServer:
         if self.proc is not None:
             self.log.close()
         self.proc = None
+
+    def history_written(self, timeout: float = 30.0) -> None:
+        """Wait until the call history the server has decided is in the database.
+
+        The server writes it behind the calls (calls/callflow/history.py); a
+        test that waited for a message of a transition finds the transition
+        queued, and here waits for its write, read from the server's backlog metric.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        token = self.env.get("SIGNALING_METRICS_TOKEN", "")
+        request = urllib.request.Request(f"{self.http_url}/metrics", headers={"Authorization": f"Bearer {token}"})
+        deadline = time.monotonic() + timeout
+        while True:
+            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - a loopback URL
+                text = response.read().decode()
+            backlog = re.search(r"^signaling_history_backlog (\S+)$", text, re.MULTILINE)
+            if backlog is not None and float(backlog.group(1)) <= 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"call history still has {backlog and backlog.group(1)} transitions to write")
+            time.sleep(0.02)
 
     def kill(self) -> None:
         """Kill -9: the process gets no chance to clean up."""

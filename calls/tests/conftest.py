@@ -31,6 +31,8 @@ from channels.layers import channel_layers
 from playwright.sync_api import Browser, sync_playwright
 
 from calls.callflow import limits as call_limits
+from calls.callflow.board_memory import MemoryCallBoard
+from calls.callflow.history import HistoryWriter
 from calls.callflow.service import CallService
 from calls.presence import memory as memory_store
 from calls.presence.base import PresenceStore, SessionInfo
@@ -46,7 +48,7 @@ from calls.realtime.sessions import SessionRegistry
 from calls.testing.servers import DaphneServer
 from calls.testing.services import PostgresServer, RedisServer, in_ci
 from calls.tests.netclient import TIMEOUT, Peer, Recorder, checked_connection, start_service, token_for
-from calls.tests.wsclient import Client
+from calls.tests.wsclient import WRITERS, Client
 
 # --- The database, and the `database` marker ---------------------------------------------
 
@@ -293,6 +295,9 @@ class StandInSession:
     async def send_error(self, code: str, message: str) -> None:
         self.errors.append((code, message))
 
+    def live_calls(self) -> list:
+        return []
+
     async def close(self, code: int | None = None) -> None:
         self.closed_with = code
 
@@ -323,9 +328,14 @@ class ProcessParts:
         self.layer = SignalingInMemoryLayer()
         self.sessions = SessionRegistry(self.layer, PresenceHub(store, window=60.0))
         self.background: set[asyncio.Task] = set()
-        self.calls = CallService(self.sessions, NoPush(), self.background.add)
+        self.board = MemoryCallBoard()
+        self.history = HistoryWriter(0.0)
+        WRITERS.append(self.history)
+        self.calls = CallService(self.board, self.history, self.sessions, NoPush(), self.background.add)
         self.announced = 0
-        self.leases = LeaseKeeper(store, self.layer, self.sessions, self.LEASE, self.presence_changed, "test")
+        self.leases = LeaseKeeper(
+            store, self.layer, self.sessions, self.calls, self.LEASE, self.presence_changed, "test"
+        )
         self.reaper = Reaper(store, self.sessions, self.calls, self.leases, self.presence_changed, "test")
 
     async def presence_changed(self) -> None:
@@ -361,6 +371,7 @@ def process_parts() -> Iterator[Callable[[PresenceStore], ProcessParts]]:
     yield build
     for parts in built:
         parts.calls.stop()
+        WRITERS.remove(parts.history)
 
 
 # --- Time -------------------------------------------------------------------------------------

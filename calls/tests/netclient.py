@@ -443,7 +443,11 @@ def http_request(url: str, body: Any = None, **headers: str) -> tuple[int, dict[
 
 
 def server_rows(server: DaphneServer, sql: str, *params: Any) -> list[tuple]:
-    """Run a query on the SQLite database of a daphne process (call ids are stored without dashes)."""
+    """Run a query on the SQLite database of a daphne process (call ids are stored without dashes).
+
+    First waits until the server has written the call history it decided.
+    """
+    server.history_written()
     with sqlite3.connect(Path(server.env["DATABASE_URL"].removeprefix("sqlite:///"))) as db:
         return db.execute(sql, params).fetchall()
 
@@ -484,6 +488,9 @@ class Cluster:
     b: DaphneServer
 
     def rows(self, sql: str, *params: Any) -> list[tuple]:
+        """Run a query on the cluster's database, once both processes have written their call history."""
+        for server in (self.a, self.b):
+            server.history_written()
         with psycopg.connect(self.database_url) as conn:
             return conn.execute(sql, params).fetchall()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -22,8 +23,13 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.utils import timezone
 
-from calls.callflow.states import CallStatus
+from calls.callflow import store as call_store
+from calls.callflow.board import Actor, CallRecord, Transition
+from calls.callflow.board_memory import MemoryCallBoard
+from calls.callflow.history import HistoryWriter
+from calls.callflow.states import CallStatus, EndReason
 from calls.models import Call, CallEvent, SignalingUser
+from calls.process.runtime import Runtime
 from calls.tests import conformance
 from signaling_project.asgi import application
 
@@ -189,24 +195,88 @@ async def complete_call(caller: Client, callee: Client) -> str:
     return call_id
 
 
+# --- Calls played on a board, their history written ------------------------------------------
+
+
+def played_call(
+    caller: Actor, callee: str, *moves: tuple[str, Actor], board: MemoryCallBoard | None = None, caller_id: str = ""
+) -> str:
+    """Play a call on a memory board as the call service does and write its history; return its id.
+
+    Each move is ("accept", actor) or (an end reason, actor); a party's move is
+    made as that party, the server's (an empty actor) as the server. Sync code
+    (the database), for tests that seed calls: it runs the board on its own loop.
+    """
+
+    async def play() -> list[Transition]:
+        played = board or MemoryCallBoard()
+        now = timezone.now()
+        record = CallRecord(
+            call_id=str(uuid.uuid4()),
+            caller_username=caller.username,
+            caller_id=caller_id,
+            callee_username=callee,
+            status=CallStatus.RINGING,
+            end_reason=None,
+            caller_channel=caller.session,
+            callee_channel="",
+            ring_deadline=now + timedelta(seconds=45),
+            caller_device=caller.device,
+            created_at=now,
+        )
+        record = await played.start(record, caller_multi=False, callee_multi=False)
+        transitions = [Transition(record, "", caller, now)]
+        for move, actor in moves:
+            now, old = timezone.now(), record.status
+            if move == "accept":
+                record = await played.accept(record.call_id, actor, now)
+            else:
+                record = await played.end(record.call_id, EndReason(move), actor, bool(actor.username), now)
+            transitions.append(Transition(record, old, actor, now))
+        return transitions
+
+    transitions = asyncio.run(play())
+    call_store.write_history(transitions)
+    return transitions[0].record.call_id
+
+
 # --- What the database holds ----------------------------------------------------------------
 
 
-@database_sync_to_async
-def call_row(call_id: str) -> Call:
-    return Call.objects.select_related("caller", "callee").get(pk=call_id)
+# History writers besides the runtime's (conftest's process parts add theirs).
+WRITERS: list[HistoryWriter] = []
 
 
-@database_sync_to_async
-def calls_in_db() -> list[Call]:
+async def history_written() -> None:
+    """Wait until every call transition decided in this process is in the database.
+
+    The history is written behind the calls (calls/callflow/history.py); a
+    test that waited for a message of a transition finds the transition queued.
+    """
+    runtime = Runtime.of_loop(asyncio.get_running_loop())
+    for writer in [*([runtime.history] if runtime else []), *WRITERS]:
+        await writer.flush()
+
+
+async def call_row(call_id: str) -> Call:
+    await history_written()
+    return await database_sync_to_async(Call.objects.select_related("caller", "callee").get)(pk=call_id)
+
+
+async def calls_in_db() -> list[Call]:
     """Every call, oldest first."""
-    return list(Call.objects.select_related("caller", "callee").order_by("created_at"))
+    await history_written()
+    return await database_sync_to_async(
+        lambda: list(Call.objects.select_related("caller", "callee").order_by("created_at"))
+    )()
 
 
-@database_sync_to_async
-def timeline(call_id: str) -> list[tuple[str, str, str | None]]:
+async def timeline(call_id: str) -> list[tuple[str, str, str | None]]:
     """Each recorded change of a call: (old status, new status, reason)."""
-    return list(CallEvent.objects.filter(call_id=call_id).values_list("old_status", "new_status", "reason"))
+    await history_written()
+    return await database_sync_to_async(
+        lambda: list(CallEvent.objects.filter(call_id=call_id).values_list("old_status", "new_status", "reason"))
+    )()
 
 
 @database_sync_to_async
@@ -237,6 +307,5 @@ def write_call(status: str, days_ago: float, caller: str = "alice", callee: str 
     call = Call.objects.create(caller=users[0], callee=users[1], status=status, end_reason=timeline[-1][2])
     for old, new, reason in timeline:
         CallEvent.objects.create(call=call, old_status=old, new_status=new, reason=reason, username=caller)
-    # created_at is auto_now_add: only an update can put it in the past.
     Call.objects.filter(pk=call.pk).update(created_at=now - timedelta(days=days_ago))
     return str(call.pk)

@@ -61,15 +61,3 @@ async def test_a_failed_write_fails_every_registration_waiting_on_it(monkeypatch
     monkeypatch.undo()
     await users.touch("a", "1")  # the writer recovers for the next registration
     assert await database_sync_to_async(_rows)() == {"a": "1"}
-
-
-async def test_each_registration_gets_the_calls_ringing_for_its_user():
-    def seed() -> str:
-        call_store.touch_users({"alice": "id-a", "bob": "id-b", "carol": "id-c"})
-        return call_store.start_call(call_store.Actor("chan-a", "alice"), "bob", 45, pushed=True).call_id
-
-    call_id = await database_sync_to_async(seed)()
-    users = UserRows()
-    bob, carol = await asyncio.gather(users.touch("bob", "id-b"), users.touch("carol", "id-c"))
-    assert [(record.call_id, record.caller_username, record.pushed) for record in bob] == [(call_id, "alice", True)]
-    assert carol == []

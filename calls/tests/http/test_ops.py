@@ -26,6 +26,12 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
+def scrape(server: DaphneServer) -> tuple[int, dict[str, str], bytes]:
+    """GET the server's /metrics with its token, once the call history it decided is written."""
+    server.history_written()
+    return http_request(f"{server.http_url}/metrics", Authorization=f"Bearer {server.env['SIGNALING_METRICS_TOKEN']}")
+
+
 def value(parsed: dict, name: str, **labels: str) -> float | None:
     return parsed.get((name, frozenset(labels.items())))
 
@@ -146,10 +152,10 @@ def test_metrics_are_not_found_without_a_token_unless_debug(client, settings):
 
 
 def test_metrics_show_calls_by_status_after_a_real_call(server):
-    before = samples(http_request(f"{server.http_url}/metrics")[2].decode())
+    before = samples(scrape(server)[2].decode())
     asyncio.run(a_call_with_a_candidate_and_a_bad_frame(server.url))
 
-    status, headers, body = http_request(f"{server.http_url}/metrics")
+    status, headers, body = scrape(server)
     after = samples(body.decode())
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain")
@@ -160,7 +166,7 @@ def test_metrics_show_calls_by_status_after_a_real_call(server):
 
 
 def test_counters_move_after_real_traffic(server):
-    before = samples(http_request(f"{server.http_url}/metrics")[2].decode())
+    before = samples(scrape(server)[2].decode())
     asyncio.run(a_call_with_a_candidate_and_a_bad_frame(server.url))
 
     def moved(name: str, **labels: str) -> float:
@@ -169,7 +175,7 @@ def test_counters_move_after_real_traffic(server):
     # The server handles the two disconnects after the client has closed: wait for them.
     deadline = time.monotonic() + TIMEOUT
     while True:
-        after = samples(http_request(f"{server.http_url}/metrics")[2].decode())
+        after = samples(scrape(server)[2].decode())
         if moved("signaling_connections") == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -249,7 +249,7 @@ async def test_a_real_server_logs_one_well_formed_line_per_event_and_no_sdp_or_t
     }
     assert {("session registered", "alice"), ("session registered", "bob"), ("session resumed", "alice")} <= sessions
     assert all(f["session"] for f in parsed if f["msg"].startswith("session "))
-    lifecycle = [fields for fields in parsed if fields["logger"] == "calls.callflow.store"]
+    lifecycle = [fields for fields in parsed if fields["logger"] == "calls.callflow.service"]
     assert [fields["msg"] for fields in lifecycle] == ["call started", "call transition", "call transition"]
     assert all(fields["call"] == call_id and fields["session"] for fields in lifecycle)
     assert [(f["old_status"], f["new_status"]) for f in lifecycle[1:]] == [

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from calls.callflow import store as call_store
+from calls.callflow.board import Actor
+from calls.callflow.board_memory import MemoryCallBoard
+from calls.callflow.states import EndReason
+from calls.models import Call
 from calls.observability import metrics
+from calls.tests.wsclient import played_call
 from calls.wire import protocol
 
 
@@ -89,11 +94,16 @@ def test_relay_latency_lands_in_the_histogram():
 @pytest.mark.django_db
 def test_calls_by_status_are_counted_from_the_database_at_scrape_time():
     call_store.touch_users({"alice": "u-a", "bob": "u-b", "carol": "u-c"})
-    first = call_store.start_call(call_store.Actor("chan-a", "alice"), "bob", 45)
-    call_store.start_call(call_store.Actor("chan-c", "carol"), "bob", 45)  # bob is being called already: busy
-    call_store.end_call(first.call_id, call_store.EndReason.HANGUP, call_store.Actor("chan-a", "alice"), party=True)
+    board = MemoryCallBoard()
+    played_call(Actor("chan-a", "alice"), "bob", board=board)  # left ringing on the board
+    played_call(Actor("chan-c", "carol"), "bob", board=board)  # bob is being called already: busy
+    played_call(Actor("chan-d", "alice"), "carol", (EndReason.HANGUP, Actor("chan-d", "alice")))
+    # The first call's row is still live in the database, as the board holds it.
+    assert sample("signaling_calls", status="ringing") == 1
+    call_store.end_orphans([str(pk) for pk in Call.objects.filter(status="ringing").values_list("pk", flat=True)])
 
     assert sample("signaling_calls", status="cancelled") == 1
     assert sample("signaling_calls", status="busy") == 1
+    assert sample("signaling_calls", status="failed") == 1
     assert sample("signaling_calls", status="ringing") == 0
     assert sample("signaling_calls_scrape_error") == 0
