@@ -255,6 +255,9 @@ SIGNALING_MAX_CONNECTIONS = env_int("SIGNALING_MAX_CONNECTIONS", 10000, minimum=
 # to one callee (an answer resets it) within an hour: ring-spam keeps nobody busy.
 SIGNALING_CALLS_PER_MINUTE = env_int("SIGNALING_CALLS_PER_MINUTE", 20, minimum=0)
 SIGNALING_UNANSWERED_CALLS_PER_CALLEE = env_int("SIGNALING_UNANSWERED_CALLS_PER_CALLEE", 5, minimum=0)
+# Call history is written behind the calls, in batches: a transition waits at most this
+# long for its batch to start (calls/callflow/history.py).
+SIGNALING_HISTORY_DELAY_MS = env_int("SIGNALING_HISTORY_DELAY_MS", 200, minimum=0, maximum=1000)
 # Call history older than this many days is deleted by a periodic job (0 keeps it).
 SIGNALING_HISTORY_DAYS = env_int("SIGNALING_HISTORY_DAYS", 90, minimum=0)
 # Password checks (POST /api/token, /api/users, admin login) running at once; more
