@@ -132,11 +132,18 @@ describe("open mode", () => {
     const onError = (err) => errors.push(err);
     let bobPeer = null;
     const prepared = [];
+    // Bob answers once alice has checked the ringing state: the server is fast enough
+    // for an answer to arrive in the same read as call_ringing.
+    let answerNow;
+    const mayAnswer = new Promise((resolve) => {
+      answerNow = resolve;
+    });
     bob.client.on("incoming_call", async (event) => {
       bobPeer = new PeerConnection(bob.client, event.callId, bobPc, {
         onError,
         prepare: (pc, role) => prepared.push(["bob", role]),
       });
+      await mayAnswer;
       await bob.client.accept(event.callId);
     });
 
@@ -156,6 +163,7 @@ describe("open mode", () => {
       onError,
       prepare: (pc, role) => prepared.push(["alice", role]),
     });
+    answerNow();
     assert.equal(alicePeer.role, "caller");
 
     const incoming = await bob.events.expect("incoming_call", { callId });
