@@ -160,22 +160,53 @@ def _insert(model: type[models.Model], columns: list[str], rows: list[tuple], *,
         cursor.executemany(sql, prepared)
 
 
-def _moved_forward(row: Call, record: CallRecord) -> Call:
-    """The row brought up to `record`: its status from the record, what the row knew first kept.
+# A row moved forward to a later status (`_move_forward`): what the record decides, and
+# what the row keeps when it knew it first. A call written back after a Redis restart
+# (board.py `restore`) knows only what its sessions knew: not when it started or was
+# answered, nor on which devices. Sessions that resumed moved to new channels: the
+# record knows where they are now.
+_FORWARD = """
+UPDATE {table} SET
+    status = %s, end_reason = %s, ended_at = %s,
+    answered_at = COALESCE(answered_at, %s),
+    ring_deadline = COALESCE(ring_deadline, %s),
+    caller_device = CASE WHEN caller_device = '' THEN %s ELSE caller_device END,
+    callee_device = CASE WHEN callee_device = '' THEN %s ELSE callee_device END,
+    caller_channel = CASE WHEN %s = '' THEN caller_channel ELSE %s END,
+    callee_channel = CASE WHEN %s = '' THEN callee_channel ELSE %s END,
+    pushed = pushed OR %s
+WHERE id = %s AND (CASE status WHEN 'ringing' THEN 0 WHEN 'answered' THEN 1 ELSE 2 END) < %s
+"""
 
-    A call written back after a Redis restart (board.py `restore`) knows only
-    what its sessions knew: not when it started or was answered, nor on which devices.
-    """
-    row.status, row.end_reason, row.ended_at = record.status, record.end_reason, record.ended_at
-    row.answered_at = row.answered_at or record.answered_at
-    row.ring_deadline = row.ring_deadline or record.ring_deadline
-    row.caller_device = row.caller_device or record.caller_device
-    row.callee_device = row.callee_device or record.callee_device
-    # Sessions that resumed moved to new channels: the record knows where they are now.
-    row.caller_channel = record.caller_channel or row.caller_channel
-    row.callee_channel = record.callee_channel or row.callee_channel
-    row.pushed = row.pushed or record.pushed
-    return row
+
+def _move_forward(records: list[CallRecord]) -> None:
+    """Bring rows written earlier (by this process or another) up to these records, never back."""
+    fields = Call._meta
+    when = connection.ops.adapt_datetimefield_value
+    call_id = fields.pk
+    params = [
+        (
+            record.status,
+            record.end_reason,
+            when(record.ended_at),
+            when(record.answered_at),
+            when(record.ring_deadline),
+            record.caller_device,
+            record.callee_device,
+            record.caller_channel,
+            record.caller_channel,
+            record.callee_channel,
+            record.callee_channel,
+            record.pushed,
+            call_id.get_db_prep_save(record.call_id, connection),
+            _rank(record.status),
+        )
+        for record in records
+        if _rank(record.status) > 0
+    ]
+    if params:
+        with connection.cursor() as cursor:
+            cursor.executemany(_FORWARD.format(table=connection.ops.quote_name(fields.db_table)), params)
 
 
 def write_history(transitions: list[Transition]) -> None:
@@ -191,11 +222,8 @@ def write_history(transitions: list[Transition]) -> None:
     with transaction.atomic():
         users = _user_rows(transitions)
         _insert(Call, _CALL_COLUMNS, [_call_values(record, users) for record in latest.values()], skip_existing=True)
-        statuses = Call.objects.select_for_update().filter(pk__in=list(latest)).values_list("pk", "status")
-        ahead = [str(pk) for pk, status in statuses if _rank(status) < _rank(latest[str(pk)].status)]
-        if ahead:
-            rows = Call.objects.filter(pk__in=ahead)
-            Call.objects.bulk_update([_moved_forward(row, latest[str(row.pk)]) for row in rows], _CALL_FIELDS)
+        # Rows just inserted are as their records: only rows written before move.
+        _move_forward(list(latest.values()))
         _insert(CallEvent, _EVENT_COLUMNS, [_event_values(transition) for transition in transitions])
 
 
