@@ -22,6 +22,7 @@ their messages, and a traceback is worth keeping whole.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -112,6 +113,7 @@ class LineFormatter(logging.Formatter):
         return "\n".join(part for part in parts if part)
 
 
+@functools.lru_cache(maxsize=512)
 def is_secret_name(name: str) -> bool:
     """Whether a field name has a part (split on _ - .) that names a secret, e.g. resume_token."""
     return any(part in SECRET_PARTS for part in _NAME_PARTS.split(name.lower()))
