@@ -256,10 +256,12 @@ class CallService:
         """Queue a transition for the history, count it, and log it."""
         self.history.add(Transition(record, old, actor, at))
         metrics.call_transition(record.status, record.end_reason)
+        parties = {"caller": record.caller_username, "callee": record.callee_username} if not old else {}
         logger.info(
             "call started" if not old else "call transition",
             extra={
                 "call": record.call_id,
+                **parties,
                 "old_status": old,
                 "new_status": record.status,
                 "reason": record.end_reason,
