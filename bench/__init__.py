@@ -2,5 +2,8 @@
 
 The harness starts everything it measures itself, on loopback only: daphne
 through bin/serve (in-memory and Redis channel layers), a throwaway
-redis-server, and the PeerJS server for comparison. See docs/benchmarks.md.
+redis-server, and for comparison the v1 design on plain `websockets`
+(bench/v1_server.py) and the PeerJS server. `python -m bench.asgi_servers`
+(or `python -m bench --servers`) runs our app under uvicorn and granian too.
+See docs/benchmarks.md.
 """

@@ -132,6 +132,22 @@ async def signaling_pair(url: str, a: str, b: str, index: int, url_b: str | None
     return Pair(wa, wb, candidate_to(b), candidate_to(a), '{"type":"ice_candidate"')
 
 
+async def v1_pair(url: str, a: str, b: str, index: int, url_b: str | None = None) -> Pair:
+    """Register two users and put them in an answered call (the v1 protocol: no call_id, calls named by user)."""
+    wa, wb = await open_socket(url, index), await open_socket(url_b or url, index + 1)
+    await register(wa, a)
+    await register(wb, b)
+    await wa.send(encode({"type": "call_request", "target_username": b}))
+    await expect(wb, "incoming_call")
+    await wb.send(encode({"type": "call_accepted", "caller_username": a}))
+    await expect(wa, "call_accepted")
+
+    def candidate_to(target: str) -> str:
+        return encode({"type": "ice_candidate", "target_username": target, "data": CANDIDATE})
+
+    return Pair(wa, wb, candidate_to(b), candidate_to(a), '{"type":"ice_candidate"')
+
+
 async def peerjs_pair(url: str, a: str, b: str, index: int, url_b: str | None = None) -> Pair:
     """Connect two PeerJS peers (ids a and b); messages go {type: CANDIDATE, dst, payload}."""
     sockets = []
@@ -149,6 +165,7 @@ async def peerjs_pair(url: str, a: str, b: str, index: int, url_b: str | None = 
 
 PAIR_MAKERS: dict[str, Callable[[str, str, str, int, str | None], Awaitable[Pair]]] = {
     "signaling": signaling_pair,
+    "v1": v1_pair,
     "peerjs": peerjs_pair,
 }
 
@@ -333,6 +350,53 @@ async def call_setup_scenario(conn: Connection, spec: dict[str, Any]) -> None:
     await asyncio.gather(*(client.close() for client in callers + callees), return_exceptions=True)
 
 
+async def plain_setup_scenario(conn: Connection, spec: dict[str, Any]) -> None:
+    """The call set-up of `call_setup_scenario` from plain `websockets` clients speaking v1 messages.
+
+    Runs unchanged against this server and the v1 design's (bench/v1_server.py,
+    which the library cannot drive: it sends no `call_ringing`). Accept and
+    hang-up name the peer as v1 clients do, and carry the call_id when the
+    server gave one.
+    """
+    url, prefix, n = spec["url"], spec["prefix"], spec["concurrency"]
+    callers = [f"{prefix}caller{i}" for i in range(n)]
+    callees = [f"{prefix}callee{i}" for i in range(n)]
+    sockets = await asyncio.gather(*(open_socket(url, i) for i in range(2 * n)))
+    for ws, name in zip(sockets, callers + callees, strict=True):
+        await register(ws, name)
+
+    async def everyone_listed(ws: ClientConnection) -> None:
+        # The lists sent while the others registered are read now, not in the measured rounds.
+        while not ((text := await ws.recv()).startswith(ONLINE_PREFIX) and text.count('"username"') >= 2 * n):
+            pass
+
+    async with asyncio.timeout(SETUP_TIMEOUT):
+        await asyncio.gather(*(everyone_listed(ws) for ws in sockets))
+    plan = await handshake(conn, {"clients": 2 * n})
+    await sleep_until(plan["start_at"])
+    totals: list[float] = []
+    to_incoming: list[float] = []
+    cpu0 = cpu_now()
+
+    async def one_call(caller_ws: ClientConnection, caller: str, callee_ws: ClientConnection, callee: str) -> None:
+        sent = time.perf_counter()
+        await caller_ws.send(encode({"type": "call_request", "target_username": callee}))
+        incoming = await expect(callee_ws, "incoming_call")
+        to_incoming.append(time.perf_counter() - sent)
+        call_id = {"call_id": incoming["call_id"]} if "call_id" in incoming else {}
+        await callee_ws.send(encode({"type": "call_accepted", "caller_username": caller, **call_id}))
+        await expect(caller_ws, "call_accepted")
+        totals.append(time.perf_counter() - sent)
+        await caller_ws.send(encode({"type": "call_ended", "target_username": callee, **call_id}))
+        await expect(callee_ws, "call_ended")
+
+    pairs = list(zip(sockets[:n], callers, sockets[n:], callees, strict=True))
+    for _ in range(spec["rounds"]):
+        await asyncio.gather(*(one_call(*pair) for pair in pairs))
+    cpu1 = cpu_now()
+    await finish(conn, {"totals": totals, "to_incoming": to_incoming, "cpu": cpu1 - cpu0}, sockets)
+
+
 # --- Sign-in storm and idle connections ---------------------------------------------
 
 ONLINE_PREFIX = '{"type":"online_users"'
@@ -414,6 +478,7 @@ SCENARIOS: dict[str, Scenario] = {
     "relay": relay_scenario,
     "rtt": rtt_scenario,
     "call_setup": call_setup_scenario,
+    "plain_setup": plain_setup_scenario,
     "storm": storm_scenario,
 }
 

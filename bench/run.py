@@ -4,7 +4,10 @@ Configurations:
 - memory: one daphne process, in-memory channel layer, SQLite (a fresh clone's setup);
 - redis: one daphne process, Redis channel layer and presence, PostgreSQL (the
   production shape of render.yaml), with a throwaway redis-server and cluster.
-Each measurement that needs a clean server gets a new daphne process.
+Each measurement that needs a clean server gets a new daphne process. For
+comparison: the v1 design on plain `websockets` (bench/v1_server.py), the
+PeerJS server, and with --servers our app under uvicorn and granian
+(bench/asgi_servers.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import presence, profiling, report, scenarios, services
+from bench import asgi_servers, presence, profiling, report, scenarios, services
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Relay load: every client may send far more than SIGNALING_RATE's default
@@ -237,6 +240,14 @@ def _core_measurements(results: dict[str, Any], name: str, plan: Plan, profile: 
             daphne,
             lambda: scenarios.call_setup(daphne, "c", plan.setup_concurrency, plan.setup_rounds),
         )
+        scenarios.wait_idle(daphne)
+        # The same set-ups from plain sockets, as they are measured against the v1 design's server.
+        _measure(
+            results,
+            "call_setup_plain",
+            daphne,
+            lambda: scenarios.call_setup(daphne, "cp", plan.setup_concurrency, plan.setup_rounds, plain=True),
+        )
         if profile:
             scenarios.wait_idle(daphne)
             raw = services.WORK / f"profile-relay-{name}.raw"
@@ -311,6 +322,28 @@ def _presence_measurements(results: dict[str, Any], name: str, plan: Plan, profi
             _measure(results, "presence_watch_empty", daphne, lambda: presence.follow_watch_lists([daphne], unwatched))
 
 
+def run_v1(plan: Plan) -> dict[str, Any]:
+    """The v1 design's server (bench/v1_server.py) under the relay load and the plain-socket call set-up."""
+    results: dict[str, Any] = {}
+    with services.v1_server() as server:
+        _measure(
+            results,
+            "relay",
+            server,
+            lambda: scenarios.relay(
+                server, "v1", "r", plan.relay_pairs, plan.relay_window, plan.relay_workers, plan.relay_seconds
+            ),
+        )
+        scenarios.wait_idle(server)
+        _measure(
+            results,
+            "call_setup_plain",
+            server,
+            lambda: scenarios.call_setup(server, "cp", plan.setup_concurrency, plan.setup_rounds, plain=True),
+        )
+    return results
+
+
 def run_peerjs(plan: Plan) -> dict[str, Any]:
     results: dict[str, Any] = {"version": services.PEERJS_VERSION}
     with services.peerjs_server() as server:
@@ -360,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short smoke run (small loads, not for the README)")
     parser.add_argument("--skip-redis", action="store_true", help="only the in-memory configuration")
     parser.add_argument("--skip-peerjs", action="store_true", help="no PeerJS comparison")
+    parser.add_argument("--skip-v1", action="store_true", help="no comparison with the v1 design's server")
+    parser.add_argument(
+        "--servers",
+        action="store_true",
+        help="also run our app under uvicorn and granian (bench/asgi_servers.py): relay, storm, guarantees",
+    )
     parser.add_argument("--no-profile", action="store_true", help="no py-spy profiles")
     parser.add_argument(
         "--only",
@@ -391,9 +430,20 @@ def main(argv: list[str] | None = None) -> int:
             redis = stack.enter_context(services.redis_server())
             postgres = stack.enter_context(services.postgres_cluster())
             results["configurations"]["redis"] = run_configuration("redis", plan, profile, redis, postgres, args.only)
+    if not (args.skip_v1 or args.only):
+        print("v1: the v1 design on plain websockets (bench/v1_server.py)", flush=True)
+        results["v1"] = run_v1(plan)
     if not (args.skip_peerjs or args.only):
         print(f"peerjs: PeerJS server {services.PEERJS_VERSION} (node)", flush=True)
         results["peerjs"] = run_peerjs(plan)
+    if args.servers and not args.only:
+        print("ASGI servers: our app (in-memory + SQLite) under " + ", ".join(services.ASGI_SERVERS), flush=True)
+        try:
+            results["asgi_servers"] = asgi_servers.run(
+                asgi_servers.QUICK if args.quick else asgi_servers.Plan(), profile
+            )
+        except Exception as exc:  # the figures measured so far are still written
+            print(f"ASGI servers FAILED: {type(exc).__name__}: {exc}", flush=True)
     if not args.only:
         print("micro-costs ...", flush=True)
         results["micro_costs_us"] = profiling.micro_costs()
@@ -402,9 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = report.markdown(results)
+    if "asgi_servers" in results:
+        markdown += "\n" + asgi_servers.markdown(results["asgi_servers"])
     (args.output / "latest.md").write_text(markdown)
     print()
     print(report.table(results))
+    if "asgi_servers" in results:
+        print()
+        print(asgi_servers.table(results["asgi_servers"]))
     print(f"\nWrote {args.output / 'latest.json'} and {args.output / 'latest.md'} ({results['duration_s']} s)")
     return 0
 

@@ -159,15 +159,19 @@ def round_trip(
     }
 
 
-def call_setup(server: Process, prefix: str, concurrency: int, rounds: int) -> dict[str, Any]:
-    """Call set-up time with `concurrency` set-ups started at the same instant."""
+def call_setup(server: Process, prefix: str, concurrency: int, rounds: int, plain: bool = False) -> dict[str, Any]:
+    """Call set-up time with `concurrency` set-ups started at the same instant.
+
+    The clients are the `signaling_client` library's, or with `plain`, plain
+    `websockets` sockets speaking v1 messages (which the v1 design's server understands too).
+    """
     spec = {
         "url": f"ws://127.0.0.1:{server.port}/",
         "prefix": prefix,
         "concurrency": concurrency,
         "rounds": rounds,
     }
-    with Workers("call_setup", [spec]) as gen:
+    with Workers("plain_setup" if plain else "call_setup", [spec]) as gen:
         gen.ready()
         wait_idle(server)
         start_at = time.time() + 0.2

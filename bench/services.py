@@ -1,12 +1,14 @@
-"""The processes a benchmark measures: daphne, redis-server and the PeerJS server.
+"""The processes a benchmark measures: daphne, redis-server, the PeerJS server and the v1 design's.
 
 Every process listens on a free loopback port, logs into bench/.work/, and is
 stopped when its block ends. CPU time and memory are read from /proc, so they
-are the server process's own, whatever else the machine is doing.
+are the server process's own, whatever else the machine is doing. Our app can
+also run under uvicorn or granian instead of daphne (bench/asgi_servers.py).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import resource
 import shutil
@@ -29,11 +31,43 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: state is [0], ppid [1], utime [11], stime [12]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    """Return the user + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    """Return the user + system CPU time a process (all its threads) has used so far."""
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    """Return the processes started by `pid`, their children, and so on."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                children.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, IndexError):
+                continue  # exited meanwhile
+    found, pending = [], list(children.get(pid, []))
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending.extend(children.get(child, []))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """Return the CPU time of a process and of every process under it (exited children not counted)."""
+    total = cpu_seconds(pid)
+    for child in descendants(pid):
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            continue
+    return total
 
 
 def rss_bytes(pid: int) -> int:
@@ -50,11 +84,18 @@ def raise_fd_limit() -> int:
 
 
 class Process:
-    """A started server process; `pid` is the server itself (sh execs daphne)."""
+    """A started server process; `pid` is the server itself (sh execs daphne).
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], port: int) -> None:
+    With `whole_tree`, its CPU time includes the processes it starts (granian
+    serves from a worker process under a supervising one).
+    """
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], port: int, whole_tree: bool = False) -> None:
         self.name = name
         self.port = port
+        self.whole_tree = whole_tree
+        # The SQLite file of an ASGI server's app, when the harness made it.
+        self.database: Path | None = None
         self.log_path = WORK / f"{name}-{port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -69,7 +110,7 @@ class Process:
         return self.proc.pid
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
+        return tree_cpu_seconds(self.pid) if self.whole_tree else cpu_seconds(self.pid)
 
     def rss_bytes(self) -> int:
         return rss_bytes(self.pid)
@@ -128,25 +169,74 @@ def migrated_sqlite() -> Path:
     """Return a fresh copy of a migrated SQLite database (migrated once per run)."""
     global _template_db
     if _template_db is None:
-        template = WORK / "template.sqlite3"
+        # One per run: two runs at once (engineers sharing a machine) must not delete each other's.
+        template = WORK / f"template-{os.getpid()}.sqlite3"
         template.unlink(missing_ok=True)
         env = _server_env(DATABASE_URL=f"sqlite:///{template}")
         subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, env=env, check=True)
+        atexit.register(template.unlink, missing_ok=True)
         _template_db = template
     copy = WORK / f"server-{free_port()}.sqlite3"
     shutil.copyfile(_template_db, copy)
     return copy
 
 
+APPLICATION = "signaling_project.asgi:application"
+# The ASGI servers our app is measured under: daphne is the one start command (bin/serve).
+ASGI_SERVERS = ("daphne", "uvicorn", "granian")
+
+
+def asgi_command(kind: str, port: int, env: dict[str, str]) -> list[str]:
+    """The command that serves our app with one ASGI server, with bin/serve's settings where it has them."""
+    if kind == "daphne":
+        return ["sh", str(ROOT / "bin" / "serve")]
+    if kind in ("uvicorn", "uvicorn-sansio"):
+        # bin/serve's message cap (twice the app's), pings and backlog; no compression,
+        # which daphne does not negotiate either; no lifespan (channels' router has none).
+        # "uvicorn" is its `websockets` implementation, which it deprecates for `websockets-sansio`.
+        max_bytes = 2 * int(env.get("SIGNALING_MAX_MESSAGE_BYTES", "65536"))
+        implementation = "websockets-sansio" if kind == "uvicorn-sansio" else "websockets"
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            *("--host", "127.0.0.1", "--port", str(port), "--ws", implementation),
+            *("--ws-max-size", str(max_bytes), "--ws-per-message-deflate", "false"),
+            *("--ws-ping-interval", env.get("SIGNALING_PING_INTERVAL", "20")),
+            *("--ws-ping-timeout", env.get("SIGNALING_PING_TIMEOUT", "20")),
+            *("--backlog", "1024", "--lifespan", "off", "--no-access-log", "--log-level", "warning"),
+            APPLICATION,
+        ]
+    if kind == "granian":
+        # granian has no WebSocket message cap, ping or close-timeout option to carry over.
+        return [
+            sys.executable,
+            "-m",
+            "granian",
+            *("--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+            *("--backlog", "1024", "--log-level", "warning"),
+            APPLICATION,
+        ]
+    raise ValueError(f"unknown ASGI server {kind!r}: one of {', '.join(ASGI_SERVERS)}")
+
+
 @contextmanager
 def daphne(redis_url: str = "", database_url: str = "", **settings: str) -> Iterator[Process]:
     """Run one daphne process through bin/serve; a fresh migrated SQLite database unless given one."""
+    with asgi_server("daphne", redis_url, database_url, **settings) as server:
+        yield server
+
+
+@contextmanager
+def asgi_server(kind: str, redis_url: str = "", database_url: str = "", **settings: str) -> Iterator[Process]:
+    """Run our app under one ASGI server (`ASGI_SERVERS`); a fresh migrated SQLite database unless given one."""
     port = free_port()
     db = None if database_url else migrated_sqlite()
     env = _server_env(DATABASE_URL=database_url or f"sqlite:///{db}", PORT=str(port), BIND="127.0.0.1", **settings)
     if redis_url:
         env["REDIS_URL"] = redis_url
-    server = Process("daphne", ["sh", str(ROOT / "bin" / "serve")], env, port)
+    server = Process(kind, asgi_command(kind, port, env), env, port, whole_tree=kind == "granian")
+    server.database = db
     try:
         yield server
     finally:
@@ -210,6 +300,18 @@ def install_peerjs() -> Path:
             stdout=subprocess.DEVNULL,
         )
     return script
+
+
+@contextmanager
+def v1_server() -> Iterator[Process]:
+    """Run the v1 design (bench/v1_server.py, plain `websockets`) on a free loopback port."""
+    port = free_port()
+    args = [sys.executable, "-m", "bench.v1_server", "--host", "127.0.0.1", "--port", str(port)]
+    server = Process("v1", args, os.environ.copy(), port)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @contextmanager
