@@ -139,7 +139,7 @@ class CallService:
         """A party hangs up or refuses: end the call and tell both parties."""
         record = await self._end(call_id, reason, actor, party=True)
         if record is not None:
-            await self.notify_ended(record)
+            await self.notify_ended(record, ended_by=actor.session)
 
     async def end_calls_of(self, actor: Actor, went_offline: bool) -> None:
         """A session ended: end its calls (and the calls ringing for its user, if now offline)."""
@@ -297,11 +297,11 @@ class CallService:
 
     # --- Telling the parties ----------------------------------------------
 
-    async def notify_ended(self, record: CallRecord) -> None:
+    async def notify_ended(self, record: CallRecord, ended_by: str = "") -> None:
         """Tell both parties' sessions that a call ended.
 
-        A session that already dropped the call (the one that ended it) ignores
-        the event, so both sides can always be told.
+        `ended_by`: the session that ended it, which already dropped the call and
+        is not told. Any other session that already dropped it ignores the event.
         """
         self.cancel_ring_timeout(record.call_id)
         if record.pushed and record.status != CallStatus.COMPLETED:  # it ended while ringing
@@ -310,9 +310,12 @@ class CallService:
             caller_event = events.call_rejected(record.call_id, record.callee_username, record.end_reason)
         else:
             caller_event = events.call_ended(record.call_id, record.end_reason)
-        await self._send_or_retry(lambda: self.courier.send(record.caller_channel, caller_event), record.call_id)
+        if record.caller_channel != ended_by:
+            await self._send_or_retry(lambda: self.courier.send(record.caller_channel, caller_event), record.call_id)
         callee_event = events.call_ended(record.call_id, record.end_reason)
-        if record.callee_channel:
+        if ended_by and record.callee_channel == ended_by:
+            pass
+        elif record.callee_channel:
             await self._send_or_retry(lambda: self.courier.send(record.callee_channel, callee_event), record.call_id)
         else:
             callee = record.callee_username
