@@ -13,6 +13,7 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "signaling_project.settings")
 django_asgi_app = get_asgi_application()
 
+from channels.layers import get_channel_layer  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from calls.process.routing import websocket_urlpatterns  # noqa: E402
@@ -22,6 +23,9 @@ from calls.server import daphne as daphne_server  # noqa: E402
 # daphne tuning: a cap on what a client that stops reading can pile up, and a
 # graceful drain on SIGTERM (calls/server/daphne.py).
 daphne_server.install()
+# Built now rather than on the first connection: the Redis layer refuses, at start-up,
+# versions of channels-redis and redis-py it was not tested with (calls/realtime/redis_layer.py).
+get_channel_layer()
 
 application = ProtocolTypeRouter(
     {

@@ -115,7 +115,7 @@ if REDIS_URL:
     if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
         raise ImproperlyConfigured("REDIS_URL must start with redis://, rediss:// or unix://")
     _layer_backend = {
-        "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "pubsub": "calls.realtime.redis_layer.SignalingPubSubLayer",
         "core": "channels_redis.core.RedisChannelLayer",
     }[SIGNALING_CHANNEL_LAYER]
     CHANNEL_LAYERS = {

@@ -129,10 +129,14 @@ class CallTable:
             call.call_id, protocol.encode(protocol.signal(message.type, me, message.data, call.call_id))
         )
         # The hot path: a peer on this process gets the signal straight into its inbox,
-        # without the layer (a Redis round trip), like every event sent to one session,
-        # so they keep their order. Before the answer, signals go to every session of
-        # the callee as a group send, through the layer.
-        await self.send_to_peer(call, event)
+        # without the layer, like every event sent to one session, so they keep their
+        # order; a peer elsewhere gets it through the layer's next batch, not waited
+        # for. Before the answer, signals go to every session of the callee as a
+        # group send, through the layer.
+        if call.peer_channel:
+            await self.party.services.sessions.relay(call.peer_channel, event)
+        else:
+            await self.send_to_peer(call, event)
 
     async def send_history(self, message: protocol.HistoryRequest) -> None:
         party = self.party

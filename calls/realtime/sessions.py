@@ -88,6 +88,11 @@ class Services(Protocol):
         """Keep a background task until it ends, and log its failure."""
 
 
+def _log_relay_failure(sent: asyncio.Future[None]) -> None:
+    if not sent.cancelled() and sent.exception() is not None:
+        logger.warning("relayed signal not sent", extra={"error": repr(sent.exception())})
+
+
 class SessionRegistry:
     """The sockets and sessions of this process, and delivery to any session."""
 
@@ -159,6 +164,22 @@ class SessionRegistry:
         local = self._sessions.get(channel)
         if local is None or not local.enqueue(event):
             await self.layer.send(channel, event)
+
+    async def relay(self, channel: str, event: dict[str, Any]) -> None:
+        """Send a relayed signal to one session without waiting for Redis to take it.
+
+        A layer that can queue (calls/realtime/redis_layer.py `send_soon`) keeps
+        the order of everything sent from here; a failure is logged, as the
+        signal is lost like a packet (the call's end, sent with `send`, is retried).
+        """
+        local = self._sessions.get(channel)
+        if local is not None and local.enqueue(event):
+            return
+        send_soon = getattr(self.layer, "send_soon", None)
+        if send_soon is None:
+            await self.layer.send(channel, event)
+            return
+        send_soon(channel, event).add_done_callback(_log_relay_failure)
 
     async def send_to_user(self, username: str, event: dict[str, Any]) -> None:
         """Send an event to every session of a user, on every process."""
