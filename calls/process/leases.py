@@ -8,9 +8,10 @@
   Redis restart). Then the process waits until the channel layer delivers to it
   again, joins its groups again, writes its sessions' leases back (closing with
   1012 a session whose username went to another user meanwhile), writes the
-  calls its sessions know of back to the call board, and announces the change. For a lease period and a probe timeout after that, the reaper
-  does not take a session missing from the store for a dead one
-  (`may_reap_vanished`): other processes may still be writing theirs back.
+  calls its sessions know of back to the call board (it lived in the same
+  Redis), and announces the change. For a lease period and a probe timeout
+  after that, the reaper does not take a session missing from the store for a
+  dead one (`may_reap_vanished`): other processes may still be writing theirs back.
 
 It lives in the process layer rather than with presence: restoring touches the
 channel layer's groups and the sessions' sockets, which presence knows nothing of.
