@@ -63,36 +63,46 @@ def check_values(obj: dict[str, Any]) -> None:
     its socket's encoder and the others are not JSON. The error names the field.
     """
     nodes = 0
-    stack: list[tuple[Any, str, int]] = [(obj, "", 1)]
+    # Each value with its depth and its trail: (the parent's trail, its key or index), the
+    # path spelled out only for an error (formatting one per value cost more than the checks).
+    stack: list[tuple[Any, int, tuple | None]] = [(obj, 1, None)]
     while stack:
-        value, path, depth = stack.pop()
+        value, depth, trail = stack.pop()
         nodes += 1
         if nodes > MAX_NODES:
             raise SignalingError(INVALID_MESSAGE, f"Message must hold at most {MAX_NODES} values")
         if isinstance(value, str):
-            _check_text(value, path)
+            if not value.isascii():
+                _check_text(value, trail)
         elif isinstance(value, float):
             if not math.isfinite(value):
-                raise SignalingError(INVALID_MESSAGE, f"'{path}' must be a finite number")
+                raise SignalingError(INVALID_MESSAGE, f"'{_path(trail)}' must be a finite number")
         elif isinstance(value, dict | list):
             if depth > MAX_DEPTH:
-                raise SignalingError(INVALID_MESSAGE, f"'{path}' nests deeper than {MAX_DEPTH} levels")
+                raise SignalingError(INVALID_MESSAGE, f"'{_path(trail)}' nests deeper than {MAX_DEPTH} levels")
             if isinstance(value, dict):
                 for key, item in value.items():
-                    child = f"{path}.{key}" if path else key
-                    _check_text(key, child)
-                    stack.append((item, child, depth + 1))
+                    if not key.isascii():
+                        _check_text(key, (trail, key))
+                    stack.append((item, depth + 1, (trail, key)))
             else:
-                stack.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))
+                stack.extend((item, depth + 1, (trail, index)) for index, item in enumerate(value))
 
 
-def _check_text(value: str, path: str) -> None:
-    if value.isascii():
-        return
+def _path(trail: tuple | None) -> str:
+    """Spell out a trail: `data.a[0].b`."""
+    parts: list[str] = []
+    while trail is not None:
+        trail, step = trail
+        parts.append(f"[{step}]" if isinstance(step, int) else f".{step}")
+    return "".join(reversed(parts)).removeprefix(".")
+
+
+def _check_text(value: str, trail: tuple | None) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        shown = path.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:80]
+        shown = _path(trail).encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:80]
         raise SignalingError(INVALID_MESSAGE, f"'{shown}' must be valid Unicode text (no lone surrogates)") from None
 
 
