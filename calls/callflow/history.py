@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 # Seconds between attempts while the database refuses a batch.
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)
 QUEUE_LIMIT = 100_000
+# Seconds a graceful shutdown waits for the queued history (after up to 15 s of closing
+# sockets: platforms send SIGKILL about 30 s after SIGTERM).
+STOP_TIMEOUT = 10.0
+# Seconds the reaper and a history request wait for this process's queue to be written.
+FLUSH_TIMEOUT = 5.0
 
 
 class HistoryWriter:
@@ -70,20 +75,29 @@ class HistoryWriter:
         """Transitions queued and not yet written."""
         return self._queued - self._written
 
-    async def flush(self) -> None:
-        """Wait until every transition queued so far is in the database."""
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every transition queued so far is in the database; False if `timeout` ran out first.
+
+        While the database is down that may take a while: callers that must go
+        on whatever happens (the reaper, a history request) pass a timeout.
+        """
         target = self._queued
         if self._written >= target:
-            return
+            return True
         self._wake()
         progress = self._condition()
-        async with progress:
-            await progress.wait_for(lambda: self._written >= target)
+        try:
+            async with asyncio.timeout(timeout):
+                async with progress:
+                    await progress.wait_for(lambda: self._written >= target)
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         """Write what is queued (a graceful shutdown), then stop the writer."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.flush(), timeout=30)
+        if not await self.flush(timeout=STOP_TIMEOUT):
+            logger.error("call history not written before shutdown", extra={"transitions": self.backlog})
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from calls.callflow import store as call_store
 from calls.callflow.board import SERVER, Actor, CallBoard, CallRecord, Transition
-from calls.callflow.history import HistoryWriter
+from calls.callflow.history import FLUSH_TIMEOUT, HistoryWriter
 from calls.callflow.limits import CallLimits
 from calls.callflow.live import LiveCall
 from calls.callflow.states import CallStatus, EndReason
@@ -188,7 +188,7 @@ class CallService:
 
     async def history_of(self, username: str, limit: int, session: str | None, since: datetime | None) -> list[dict]:
         """A user's call history, newest first; what this process has queued is written first."""
-        await self.history.flush()
+        await self.history.flush(timeout=FLUSH_TIMEOUT)
         return await database_sync_to_async(call_store.call_history)(username, limit, session, since)
 
     # --- What the reaper asks ---------------------------------------------
@@ -230,7 +230,8 @@ class CallService:
         for ORPHAN_GRACE: an end decided on another process may still be on its
         way to the database.
         """
-        await self.history.flush()
+        if not await self.history.flush(timeout=FLUSH_TIMEOUT):
+            return  # the database is behind: these rows' ends may be among what is queued
         rows = await database_sync_to_async(call_store.live_rows)(timezone.now() - ORPHAN_GRACE)
         held = await self.board.get(rows)
         orphans = {call_id for call_id in rows if call_id not in held or not held[call_id].live}

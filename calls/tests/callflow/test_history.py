@@ -355,3 +355,17 @@ async def test_transitions_by_the_server_are_recorded_with_no_actor(writers):
     assert (event.new_status, event.session, event.username, event.device) == ("missed", "", "", "")
     row = await call_row(record.call_id)
     assert (row.status, row.end_reason, row.caller_device) == ("missed", "timeout", ALICE.device)
+
+
+async def test_the_reaper_and_a_history_request_do_not_wait_for_a_database_that_is_down(parts, gate, monkeypatch):
+    monkeypatch.setattr(history, "RETRY_DELAYS", (0.01,))
+    monkeypatch.setattr(service, "FLUSH_TIMEOUT", 0.2)
+    gate(failures=1_000_000)  # every write refused
+    call = await parts.calls.start(Actor("chan-a", "alice"), "id-a", "bob")
+    assert not await parts.history.flush(timeout=0.1)
+    async with asyncio.timeout(WAIT):
+        await parts.calls.end_orphan_rows()  # returns: the sweep skips while the history is behind
+    assert parts.history.backlog == 1
+    assert (await parts.board.get([call.call_id]))[call.call_id].status == "ringing"
+    monkeypatch.setattr(history, "STOP_TIMEOUT", 0.1)
+    await parts.history.stop()  # a shutdown gives up after its timeout too
