@@ -19,8 +19,9 @@ from calls.wire import protocol
 from calls.wire.errors import SignalingError
 from calls.wire.text import username_key
 
-# Seconds an ended call stays readable (`get`): longer than a resume's grace.
-KEEP_ENDED = 300.0
+# Seconds an ended call stays readable (`get`) by default: the runtime passes a resume's
+# grace and a margin (calls/process/runtime.py).
+KEEP_ENDED = 60.0
 
 
 class MemoryCallBoard:

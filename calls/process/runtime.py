@@ -62,13 +62,16 @@ def make_store() -> PresenceStore:
 
 def make_board() -> CallBoard:
     """The call board: in Redis when the processes share one, else in this process's memory."""
+    # An ended call stays readable for a session that resumes after it ended.
+    keep_ended = settings.SIGNALING_RESUME_GRACE + 30
     if settings.REDIS_URL:
         from calls.callflow.board_redis import RedisCallBoard
 
         # A live call's key outlives its sessions' leases; renewals extend it (LeaseKeeper).
         ttl = settings.SIGNALING_PRESENCE_TTL
-        return RedisCallBoard(settings.REDIS_URL, live_ttl=max(3 * ttl, settings.SIGNALING_RING_TIMEOUT + ttl))
-    return MemoryCallBoard()
+        live_ttl = max(3 * ttl, settings.SIGNALING_RING_TIMEOUT + ttl)
+        return RedisCallBoard(settings.REDIS_URL, live_ttl=live_ttl, keep_ended=keep_ended)
+    return MemoryCallBoard(keep_ended=keep_ended)
 
 
 class Runtime:
