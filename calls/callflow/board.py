@@ -119,7 +119,10 @@ def decide_end(record: CallRecord, reason: EndReason, actor: Actor, party: bool,
     new_status = END_STATUS.get((CallStatus(record.status), reason))
     if new_status is None:  # e.g. a ring timeout firing after the answer
         return None
-    return replace(record, status=new_status, end_reason=reason, ended_at=now)
+    # Times are read before the atomic step: an answer decided a moment later on another
+    # process must not end up after the end.
+    ended_at = max(now, record.answered_at) if record.answered_at else now
+    return replace(record, status=new_status, end_reason=reason, ended_at=ended_at)
 
 
 class CallBoard(Protocol):

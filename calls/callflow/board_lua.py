@@ -94,6 +94,11 @@ local function unlist()
 end
 if not raw then
     unlist()
+    -- A call lost with Redis's data: mark it ended, so that no session writes it back (RESTORE).
+    if redis.call('EXISTS', KEYS[1]) == 0 then
+        redis.call('HSET', KEYS[1], 'status', 'gone')
+        redis.call('PEXPIRE', KEYS[1], ARGV[5])
+    end
     return false
 end
 local call = cjson.decode(raw)
@@ -120,7 +125,11 @@ if not new_status then
 end
 call.status = new_status
 call.end_reason = reason
+-- As decide_end: never before the answer (its time was read on another process).
 call.ended = tonumber(ARGV[4])
+if type(call.answered) == 'number' and call.answered > call.ended then
+    call.ended = call.answered
+end
 local encoded = cjson.encode(call)
 redis.call('HSET', KEYS[1], 'status', new_status, 'record', encoded)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])

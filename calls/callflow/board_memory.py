@@ -46,6 +46,7 @@ class MemoryCallBoard:
                 end_reason=EndReason.BUSY,
                 ring_deadline=None,
                 ended_at=record.created_at,
+                pushed=False,
             )
             self._keep(busy)
             return busy

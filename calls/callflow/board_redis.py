@@ -31,10 +31,8 @@ from typing import Any
 
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from calls.callflow.board import Actor, CallRecord, not_ringing
 from calls.callflow.board_lua import ACCEPT, END, MOVE, RENEW, RESTORE, RINGING_FOR, SESSION_CALLS, START
@@ -105,13 +103,11 @@ def decode(raw: str | bytes) -> CallRecord:
 
 class RedisCallBoard:
     def __init__(self, url: str, live_ttl: float, keep_ended: float = KEEP_ENDED) -> None:
-        self.redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-            health_check_interval=30,
-        )
+        # No retries: a script whose reply was lost with the connection may have run, and
+        # running a transition twice answers differently (a second accept is refused). A
+        # failed step reaches its caller: the client's request gets an error, the reaper
+        # sweeps again.
+        self.redis = aioredis.Redis.from_url(url, decode_responses=True, retry=Retry(NoBackoff(), 0))
         self.live_ttl_ms = round(live_ttl * 1000)
         self.keep_ms = round(keep_ended * 1000)
         self._start = self.redis.register_script(START)
@@ -154,7 +150,12 @@ class RedisCallBoard:
         if ringing:
             return record
         return replace(
-            record, status=CallStatus.BUSY, end_reason=EndReason.BUSY, ring_deadline=None, ended_at=record.created_at
+            record,
+            status=CallStatus.BUSY,
+            end_reason=EndReason.BUSY,
+            ring_deadline=None,
+            ended_at=record.created_at,
+            pushed=False,
         )
 
     async def accept(self, call_id: str, callee: Actor, now: datetime) -> CallRecord:

@@ -16,3 +16,7 @@ class LiveCall:
     # from the caller) every session of the callee.
     peer_channel: str = ""
     answered: bool = False
+    # The caller's user_id, and whether the callee was woken by push: what a call board
+    # that lost the call (a Redis restart) needs to have it back whole.
+    caller_id: str = ""
+    pushed: bool = False

@@ -135,11 +135,12 @@ class CallService:
         await self.courier.send_to_user(callee.username, events.call_answered_elsewhere(call_id, callee.session))
         return record
 
-    async def end(self, call_id: str, reason: EndReason, actor: Actor) -> None:
-        """A party hangs up or refuses: end the call and tell both parties."""
+    async def end(self, call_id: str, reason: EndReason, actor: Actor) -> CallRecord | None:
+        """A party hangs up or refuses: end the call and tell both parties; None if it was not live."""
         record = await self._end(call_id, reason, actor, party=True)
         if record is not None:
             await self.notify_ended(record, ended_by=actor.session)
+        return record
 
     async def end_calls_of(self, actor: Actor, went_offline: bool) -> None:
         """A session ended: end its calls (and the calls ringing for its user, if now offline)."""
@@ -172,13 +173,14 @@ class CallService:
                 CallRecord(
                     call_id=call.call_id,
                     caller_username=caller,
-                    caller_id="",
+                    caller_id=call.caller_id,
                     callee_username=callee,
                     status=CallStatus.ANSWERED if call.answered else CallStatus.RINGING,
                     end_reason=None,
                     caller_channel=caller_channel,
                     # Before the answer, every session of the callee rings.
                     callee_channel=callee_channel if call.answered else "",
+                    pushed=call.pushed,
                     ring_deadline=None if call.answered else deadline,
                     answered_at=now if call.answered else None,
                     created_at=now,
@@ -238,10 +240,20 @@ class CallService:
         now = asyncio.get_running_loop().time()
         self._suspects = {call_id: self._suspects.get(call_id, now) for call_id in orphans}
         due = [call_id for call_id, since in self._suspects.items() if now - since >= ORPHAN_GRACE.total_seconds()]
-        if due:
-            await database_sync_to_async(call_store.end_orphans)(due)
-            for call_id in due:
-                del self._suspects[call_id]
+        if not due:
+            return
+        # The board still knows how those it holds ended: write that end, not a made-up one.
+        known = [held[call_id] for call_id in due if call_id in held]
+        if known:
+            ended = [
+                Transition(record, _before_end(record), SERVER, record.ended_at or timezone.now()) for record in known
+            ]
+            await database_sync_to_async(call_store.write_history)(ended)
+        lost = [call_id for call_id in due if call_id not in held]
+        if lost:
+            await database_sync_to_async(call_store.end_orphans)(lost)
+        for call_id in due:
+            del self._suspects[call_id]
 
     # --- Transitions --------------------------------------------------------
 
@@ -249,8 +261,7 @@ class CallService:
         now = timezone.now()
         record = await self.board.end(call_id, reason, actor, party, now)
         if record is not None:
-            before = CallStatus.ANSWERED if record.answered_at is not None else CallStatus.RINGING
-            self._record(record, before, actor, now)
+            self._record(record, _before_end(record), actor, now)
         return record
 
     def _record(self, record: CallRecord, old: str, actor: Actor, at: datetime) -> None:
@@ -345,3 +356,8 @@ class CallService:
         logger.error(
             "gave up delivering a call end", extra={"call": call_id, "attempts": len(DELIVERY_RETRY_DELAYS) + 1}
         )
+
+
+def _before_end(record: CallRecord) -> str:
+    """The status an ended call had before its end."""
+    return CallStatus.ANSWERED if record.answered_at is not None else CallStatus.RINGING

@@ -218,12 +218,19 @@ def write_history(transitions: list[Transition]) -> None:
     """
     latest: dict[str, CallRecord] = {}
     for transition in transitions:
-        latest[transition.record.call_id] = transition.record
+        record, known = transition.record, latest.get(transition.record.call_id)
+        # The furthest state of each call in the batch: two steps of one call may have
+        # been queued in another order than the board made them.
+        if known is None or _rank(record.status) >= _rank(known.status):
+            latest[record.call_id] = record
+    # In call id order: two processes writing batches that share calls lock their rows in
+    # the same order, so they cannot deadlock.
+    records = [latest[call_id] for call_id in sorted(latest)]
     with transaction.atomic():
         users = _user_rows(transitions)
-        _insert(Call, _CALL_COLUMNS, [_call_values(record, users) for record in latest.values()], skip_existing=True)
+        _insert(Call, _CALL_COLUMNS, [_call_values(record, users) for record in records], skip_existing=True)
         # Rows just inserted are as their records: only rows written before move.
-        _move_forward(list(latest.values()))
+        _move_forward(records)
         _insert(CallEvent, _EVENT_COLUMNS, [_event_values(transition) for transition in transitions])
 
 

@@ -59,4 +59,8 @@ class Reaper:
             # A store that restarted between the two checks holds a partial picture.
             if await self.leases.store_unchanged():
                 await self.calls.end_vanished(live, online)
-                await self.calls.end_orphan_rows()
+
+    async def end_orphans(self) -> None:
+        """End call rows the database shows live and no board holds (a job of its own: it waits on the database)."""
+        if self.leases.may_reap_vanished() and await self.leases.store_unchanged():
+            await self.calls.end_orphan_rows()

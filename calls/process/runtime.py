@@ -3,11 +3,11 @@
 One `Runtime` exists per event loop (one per daphne process). It builds the
 parts (presence store and hub, session registry, call service, user rows,
 connection limits), hands them to each consumer as its `Services`
-(calls/realtime/sessions.py), and starts on the first connection five jobs: a
+(calls/realtime/sessions.py), and starts on the first connection six jobs: a
 listener on this process's own channel (presence changes made by other
 processes, probe answers), lease renewal and a watch on the presence store
-(`LeaseKeeper`, calls/process/leases.py), the reaper (calls/process/reaper.py)
-and history retention.
+(`LeaseKeeper`, calls/process/leases.py), the reaper and its sweep of call rows
+left live (calls/process/reaper.py), and history retention.
 
 Timing, from SIGNALING_PRESENCE_TTL (T): a lease lasts 2T/3 and is renewed
 every T/4; the reaper sweeps at least every T/3. A process that dies stops
@@ -155,6 +155,7 @@ class Runtime:
                     every(self._watch_interval, self._check_store, "restoring state after a Redis restart failed")
                 ),
                 loop.create_task(every(self._sweep_interval, self.reaper.reap_once, "reaper failed")),
+                loop.create_task(every(self._sweep_interval, self.reaper.end_orphans, "orphan sweep failed")),
                 loop.create_task(every(RETENTION_INTERVAL, self.trim_history, "history retention failed")),
             ]
             self._started = True

@@ -95,7 +95,9 @@ class CallTable:
         if record.end_reason == EndReason.BUSY:
             await party.send_json(protocol.call_rejected(target, record.call_id, EndReason.BUSY))
             return
-        self.calls[record.call_id] = LiveCall(record.call_id, target, is_caller=True)
+        self.calls[record.call_id] = LiveCall(
+            record.call_id, target, is_caller=True, caller_id=party.session.user_id, pushed=record.pushed
+        )
         await party.send_json(protocol.call_ringing(record.call_id, target, pushed=record.pushed))
 
     async def accept(self, message: protocol.CallAnswer) -> None:
@@ -118,7 +120,13 @@ class CallTable:
         if call is None:
             raise SignalingError(protocol.NOT_IN_CALL, "You are not in a call with that user")
         self.calls.pop(call.call_id, None)
-        await self.party.services.calls.end(call.call_id, EndReason.HANGUP, self.party.actor())
+        if await self.party.services.calls.end(call.call_id, EndReason.HANGUP, self.party.actor()) is None:
+            # Not on the board (Redis lost its data, and the call is not written back yet):
+            # the peer still learns of the hang-up from this session's view of the call.
+            reason = (
+                EndReason.HANGUP if call.answered else EndReason.CANCELLED if call.is_caller else EndReason.REJECTED
+            )
+            await self.send_to_peer(call, events.call_ended(call.call_id, reason))
 
     async def relay(self, message: protocol.Signal) -> None:
         call = self.find(message.call_id, message.target_username)
@@ -164,7 +172,11 @@ class CallTable:
             return
         call_id = event["call_id"]
         self.calls[call_id] = LiveCall(
-            call_id, event["caller_username"], is_caller=False, peer_channel=event["caller_channel"]
+            call_id,
+            event["caller_username"],
+            is_caller=False,
+            peer_channel=event["caller_channel"],
+            caller_id=event["caller_id"],
         )
         await self.party.send_json(protocol.incoming_call(event["caller_username"], event["caller_id"], call_id))
 

@@ -46,6 +46,7 @@ import math
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from channels.exceptions import ChannelFull
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
 from channels_redis.utils import _consistent_hash, _wrap_close, create_pool, decode_hosts
 from django.core.exceptions import ImproperlyConfigured
@@ -76,6 +77,12 @@ def check_versions(installed: dict[str, str | None] | None = None) -> None:
         )
 
 
+# Messages that may wait for Redis on one connection, and seconds a batch may take, when
+# Redis stalls without closing the connection (a pause, a partition, a fail-over).
+MAX_QUEUED = 10_000
+BATCH_TIMEOUT = 5.0
+
+
 class PublisherClosed(ConnectionError):
     """The layer was flushed or closed before a message queued for Redis was sent."""
 
@@ -91,9 +98,16 @@ class Publisher:
         self._flusher: asyncio.Task[None] | None = None
 
     def publish(self, channel: str, data: bytes) -> asyncio.Future[None]:
-        """Queue one message; the future is done once Redis has taken it (or failed)."""
+        """Queue one message; the future is done once Redis has taken it (or failed).
+
+        While Redis does not answer, at most MAX_QUEUED messages wait: more are
+        refused at once (relayed signals are not waited for, so nothing else bounds them).
+        """
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
+        if len(self._commands) >= MAX_QUEUED:
+            waiter.set_exception(ChannelFull(f"{len(self._commands)} messages already wait for Redis"))
+            return waiter
         self._commands.append(("PUBLISH", channel, data))
         self._waiters.append(waiter)
         if self._flusher is None:
@@ -140,7 +154,7 @@ class Publisher:
         try:
             await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
             # One timeout for the whole batch: redis-py's own would start a timer per reply.
-            async with asyncio.timeout(connection.socket_timeout):
+            async with asyncio.timeout(connection.socket_timeout or BATCH_TIMEOUT):
                 for _ in commands:
                     await connection.read_response(timeout=math.inf)
         except BaseException:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any, Protocol
 
@@ -88,9 +89,21 @@ class Services(Protocol):
         """Keep a background task until it ends, and log its failure."""
 
 
+# Seconds between two warnings of relayed signals lost (during a Redis outage, every signal is).
+RELAY_FAILURE_LOG_INTERVAL = 10.0
+_relay_failures = {"count": 0, "logged_at": float("-inf")}
+
+
 def _log_relay_failure(sent: asyncio.Future[None]) -> None:
-    if not sent.cancelled() and sent.exception() is not None:
-        logger.warning("relayed signal not sent", extra={"error": repr(sent.exception())})
+    if sent.cancelled() or sent.exception() is None:
+        return
+    _relay_failures["count"] += 1
+    now = time.monotonic()
+    if now - _relay_failures["logged_at"] >= RELAY_FAILURE_LOG_INTERVAL:
+        logger.warning(
+            "relayed signals not sent", extra={"count": _relay_failures["count"], "error": repr(sent.exception())}
+        )
+        _relay_failures.update(count=0, logged_at=now)
 
 
 class SessionRegistry:

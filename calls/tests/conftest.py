@@ -7,6 +7,7 @@
 - Real services and processes: `redis_server`, `postgres`, and clients of daphne processes:
   plain WebSocket peers (`peers`) and signaling_client library clients (`open_client`).
 - Headless Chromium kept off the network, for the pages' tests (`browser`).
+- Call boards, in memory and on a real redis-server, the same cases on both (`board`, `make_boards`).
 - One process's parts wired as the runtime wires them, without its background jobs, for the
   lease keeper and the reaper alone (`process_parts`).
 - A monotonic clock moved by hand, for the limits and the leases (`clock`).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ from channels.layers import channel_layers
 from playwright.sync_api import Browser, sync_playwright
 
 from calls.callflow import limits as call_limits
+from calls.callflow.board import CallBoard
 from calls.callflow.board_memory import MemoryCallBoard
+from calls.callflow.board_redis import RedisCallBoard
 from calls.callflow.history import HistoryWriter
 from calls.callflow.service import CallService
 from calls.presence import memory as memory_store
@@ -226,6 +229,37 @@ async def open_client():
     for client in opened:
         await client.close()
     assert violations == [], "frames that do not conform to protocol/asyncapi.yaml:\n" + "\n".join(violations)
+
+
+# --- Call boards ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.services)])
+def redis_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the memory call board, or the URL of a fresh redis-server (each case runs on both)."""
+    return None if request.param == "memory" else request.getfixturevalue("redis_server").url
+
+
+@pytest.fixture
+async def make_boards(redis_url: str | None) -> AsyncIterator[Callable[..., tuple[CallBoard, CallBoard]]]:
+    """Build two call boards that share their calls, as two processes do (the memory board: one, twice)."""
+    made: list[CallBoard] = []
+
+    def make(live_ttl: float = 60.0, keep_ended: float = 300.0) -> tuple[CallBoard, CallBoard]:
+        if redis_url is None:
+            return (board := MemoryCallBoard(keep_ended)), board
+        made.extend(RedisCallBoard(redis_url, live_ttl, keep_ended) for _ in range(2))
+        return made[-2], made[-1]
+
+    yield make
+    for board in made:
+        await board.close()
+
+
+@pytest.fixture
+def board(make_boards) -> CallBoard:
+    """A call board: in memory, then on a real redis-server."""
+    return make_boards()[0]
 
 
 # --- A browser ------------------------------------------------------------------------------------

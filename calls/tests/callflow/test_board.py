@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from calls.callflow.board import SERVER, Actor, CallBoard, CallRecord
-from calls.callflow.board_memory import MemoryCallBoard
-from calls.callflow.board_redis import RedisCallBoard
 from calls.callflow.states import END_STATUS, CallStatus, EndReason
 from calls.wire import protocol
 from calls.wire.errors import SignalingError
@@ -71,33 +69,6 @@ async def answered(board: CallBoard, caller: Actor = ALICE, callee: Actor = BOB)
 REDIS = pytest.param("redis", marks=pytest.mark.services)
 # The cases of Redis alone: two boards on one redis-server are two processes.
 REDIS_ONLY = pytest.mark.parametrize("redis_url", [REDIS], indirect=True)
-
-
-@pytest.fixture(params=["memory", REDIS])
-def redis_url(request: pytest.FixtureRequest) -> str | None:
-    """None for the memory board, or the URL of a fresh redis-server."""
-    return None if request.param == "memory" else request.getfixturevalue("redis_server").url
-
-
-@pytest.fixture
-async def make_boards(redis_url: str | None) -> AsyncIterator[Callable[..., tuple[CallBoard, CallBoard]]]:
-    """Build two boards that share their calls, as two processes do (the memory board: one, twice)."""
-    made: list[CallBoard] = []
-
-    def make(live_ttl: float = 60.0, keep_ended: float = 300.0) -> tuple[CallBoard, CallBoard]:
-        if redis_url is None:
-            return (board := MemoryCallBoard(keep_ended)), board
-        made.extend(RedisCallBoard(redis_url, live_ttl, keep_ended) for _ in range(2))
-        return made[-2], made[-1]
-
-    yield make
-    for board in made:
-        await board.close()
-
-
-@pytest.fixture
-def board(make_boards) -> CallBoard:
-    return make_boards()[0]
 
 
 async def live_ids(board: CallBoard) -> set[str]:

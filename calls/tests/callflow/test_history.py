@@ -369,3 +369,32 @@ async def test_the_reaper_and_a_history_request_do_not_wait_for_a_database_that_
     assert (await parts.board.get([call.call_id]))[call.call_id].status == "ringing"
     monkeypatch.setattr(history, "STOP_TIMEOUT", 0.1)
     await parts.history.stop()  # a shutdown gives up after its timeout too
+
+
+async def test_a_row_whose_end_the_board_decided_but_no_writer_wrote_gets_that_end(parts):
+    # The process that decided the hang-up was killed before its writer ran: the board
+    # (Redis, shared) still holds how the call ended, and the sweep writes that, not "disconnected".
+    call = await parts.calls.start(ALICE, "id-alice", "bob")
+    parts.calls.cancel_ring_timeout(call.call_id)
+    await parts.calls.accept(call.call_id, Actor("chan.bob", "bob", "bob-phone"))
+    await parts.history.flush()
+    ended = await parts.board.end(call.call_id, EndReason.HANGUP, ALICE, True, timezone.now())
+
+    async def row_ended() -> bool:
+        return (await call_row(call.call_id)).status != "answered"
+
+    await sweep_until(parts, row_ended)
+    row = await call_row(call.call_id)
+    assert (row.status, row.end_reason, row.ended_at) == ("completed", "hangup", ended.ended_at)
+    assert (await timeline(call.call_id))[-1] == ("answered", "completed", "hangup")
+
+
+async def test_a_batch_holding_a_call_s_steps_out_of_order_leaves_the_row_at_the_furthest(writers):
+    # Two steps of one call, queued by two coroutines in the other order than the board made them.
+    steps = lifecycle(new_call())
+    writer = writers()
+    for transition in (steps[0], steps[2], steps[1]):
+        writer.add(transition)
+    await writer.flush()
+    row = await call_row(steps[0].record.call_id)
+    assert (row.status, row.end_reason) == ("completed", "hangup")

@@ -116,7 +116,7 @@ async def test_call_rows_a_killed_process_left_live_are_ended_as_disconnected(pr
     monkeypatch.setattr(service, "ORPHAN_GRACE", timedelta(0))
     ringing, answered = await calls_left_by_a_crash()
 
-    await process.reaper.reap_once()
+    await process.reaper.end_orphans()
 
     assert [((row := await call_row(c)).status, row.end_reason) for c in (ringing, answered)] == [
         ("failed", "disconnected"),

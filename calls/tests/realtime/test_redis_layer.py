@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from channels.exceptions import ChannelFull
 from django.core.exceptions import ImproperlyConfigured
 from redis import asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
 
+from calls.realtime import redis_layer
 from calls.realtime.redis_layer import TESTED_VERSIONS, SignalingPubSubLayer, check_versions
 from calls.testing.services import RedisServer
 from calls.tests.netclient import TIMEOUT
@@ -215,3 +217,15 @@ def test_it_refuses_versions_it_was_not_tested_with():
     check_versions(dict(TESTED_VERSIONS))
     with pytest.raises(ImproperlyConfigured, match="channels-redis 4.3.0, but found channels-redis 4.4.0"):
         check_versions({**TESTED_VERSIONS, "channels-redis": "4.4.0"})
+
+
+async def test_messages_beyond_the_queue_limit_are_refused_at_once_and_the_rest_arrive(layers, inbox, monkeypatch):
+    # Relayed signals are not waited for: while Redis is slow, only the limit bounds the queue.
+    monkeypatch.setattr(redis_layer, "MAX_QUEUED", 5)
+    sender, _ = layers
+    box = await inbox()
+    sent = [sender.send_soon(box.channel, {"type": "signal", "n": n}) for n in range(7)]
+    outcomes = await asyncio.gather(*sent, return_exceptions=True)
+    assert outcomes[:5] == [None] * 5
+    assert all(isinstance(outcome, ChannelFull) for outcome in outcomes[5:])
+    assert [(await box.next())["n"] for _ in range(5)] == list(range(5))
