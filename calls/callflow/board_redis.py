@@ -107,7 +107,11 @@ class RedisCallBoard:
         # running a transition twice answers differently (a second accept is refused). A
         # failed step reaches its caller: the client's request gets an error, the reaper
         # sweeps again.
-        self.redis = aioredis.Redis.from_url(url, decode_responses=True, retry=Retry(NoBackoff(), 0))
+        # A connection idle for 30 s is checked (PING) before a script goes on it: a Redis
+        # restart or an idle cut is found before a transition, not by one.
+        self.redis = aioredis.Redis.from_url(
+            url, decode_responses=True, retry=Retry(NoBackoff(), 0), health_check_interval=30
+        )
         self.live_ttl_ms = round(live_ttl * 1000)
         self.keep_ms = round(keep_ended * 1000)
         self._start = self.redis.register_script(START)
