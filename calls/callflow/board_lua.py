@@ -44,12 +44,12 @@ if ARGV[3] ~= '1' and #live_ids(KEYS[3], ARGV[7]) > 0 then
 end
 redis.call('HSET', KEYS[1], 'status', 'ringing', 'record', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
--- User sets do not expire (a renewal reaches calls by session): members whose call
+-- The sets expire with the call (RENEW extends the parties' too); members whose call
 -- is gone are dropped by the scripts that meet them, and the end script removes its own.
 for i = 2, 4 do
     redis.call('SADD', KEYS[i], ARGV[6])
+    redis.call('PEXPIRE', KEYS[i], ARGV[4])
 end
-redis.call('PEXPIRE', KEYS[4], ARGV[4])
 redis.call('SADD', KEYS[5], ARGV[6])
 redis.call('ZADD', KEYS[6], ARGV[5], ARGV[6])
 return 1
@@ -188,7 +188,15 @@ RENEW = """
 for i = 3, #ARGV do
     local session = ARGV[2] .. 'session:' .. ARGV[i]
     for _, id in ipairs(redis.call('SMEMBERS', session)) do
-        redis.call('PEXPIRE', ARGV[2] .. 'call:' .. id, ARGV[1])
+        local call_key = ARGV[2] .. 'call:' .. id
+        redis.call('PEXPIRE', call_key, ARGV[1])
+        local raw = redis.call('HGET', call_key, 'record')
+        if raw then
+            -- Its parties stay busy as long as the call lives (a call may outlast the TTL).
+            local call = cjson.decode(raw)
+            redis.call('PEXPIRE', ARGV[2] .. 'user:' .. call.caller_key, ARGV[1])
+            redis.call('PEXPIRE', ARGV[2] .. 'user:' .. call.callee_key, ARGV[1])
+        end
     end
     redis.call('PEXPIRE', session, ARGV[1])
 end
@@ -206,11 +214,9 @@ for i = 3, #ARGV, 4 do
         local call = cjson.decode(raw)
         redis.call('HSET', call_key, 'status', status, 'record', raw)
         redis.call('PEXPIRE', call_key, ARGV[1])
-        redis.call('SADD', ARGV[2] .. 'user:' .. call.caller_key, id)
-        redis.call('SADD', ARGV[2] .. 'user:' .. call.callee_key, id)
-        local sessions = {'session:' .. call.caller_channel}
-        if call.callee_channel ~= '' then table.insert(sessions, 'session:' .. call.callee_channel) end
-        for _, key in ipairs(sessions) do
+        local keys = {'user:' .. call.caller_key, 'user:' .. call.callee_key, 'session:' .. call.caller_channel}
+        if call.callee_channel ~= '' then table.insert(keys, 'session:' .. call.callee_channel) end
+        for _, key in ipairs(keys) do
             redis.call('SADD', ARGV[2] .. key, id)
             redis.call('PEXPIRE', ARGV[2] .. key, ARGV[1])
         end

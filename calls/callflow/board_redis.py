@@ -14,11 +14,11 @@ allows cannot interleave with another start. The end rules are the ones of
 calls/callflow/board.py, written into the script from the tables of
 calls/callflow/states.py.
 
-Expiry: a live call's key (and its sessions' sets) lasts `live_ttl` seconds
-and is extended whenever the lease keeper renews one of its sessions
-(`renew`), so calls of a Redis whose every process died vanish on their own;
-an ended call stays readable for `keep_ended` seconds. User sets do not
-expire: members whose call expired are dropped by the scripts that meet them. Like presence, the scripts derive keys from data: a
+Expiry: a live call's key (and its sessions' and parties' sets) lasts
+`live_ttl` seconds and is extended whenever the lease keeper renews one of its
+sessions (`renew`), so calls of a Redis whose every process died vanish on
+their own; an ended call stays readable for `keep_ended` seconds. Set members
+whose call expired are dropped by the scripts that meet them. Like presence, the scripts derive keys from data: a
 single Redis, not a cluster.
 """
 

@@ -5,6 +5,7 @@ The same cases on both boards where both apply (`board`, from conftest); Redis's
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -69,3 +70,19 @@ async def test_a_call_hung_up_while_redis_had_lost_it_is_not_written_back(board:
     # Both parties may call again.
     again = await board.start(ringing(ALICE, "bob"), caller_multi=False, callee_multi=False)
     assert again.status == CallStatus.RINGING
+
+
+@pytest.mark.parametrize("redis_url", [pytest.param("redis", marks=pytest.mark.services)], indirect=True)
+async def test_no_key_of_a_call_nobody_renews_outlives_it(make_boards):
+    # Every process died: nothing renews the call, and nothing of it stays in Redis for good.
+    board, _ = make_boards(live_ttl=0.3)
+    await board.start(ringing(ALICE, "bob"), caller_multi=False, callee_multi=False)
+    async with asyncio.timeout(10):  # polled: expiry is Redis's own clock, nothing to wait on
+        while True:
+            if not await board.redis.exists("signaling:calls:user:alice", "signaling:calls:user:bob"):
+                break
+            await asyncio.sleep(0.05)
+    per_call = [
+        key async for key in board.redis.scan_iter(match="signaling:calls:*") if not key.endswith(("live", "deadlines"))
+    ]
+    assert per_call == []
