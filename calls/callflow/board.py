@@ -21,8 +21,9 @@ the same tables.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from calls.callflow.states import END_STATUS, CallStatus, EndReason
@@ -78,6 +79,38 @@ class Transition:
     old_status: str
     actor: Actor
     at: datetime
+
+
+def new_call(
+    caller: Actor, caller_id: str, callee_username: str, now: datetime, ring_seconds: float, pushed: bool = False
+) -> CallRecord:
+    """A call about to start: a fresh id, ringing until `ring_seconds` from `now`."""
+    return CallRecord(
+        call_id=str(uuid.uuid4()),
+        caller_username=caller.username,
+        caller_id=caller_id,
+        callee_username=callee_username,
+        status=CallStatus.RINGING,
+        end_reason=None,
+        caller_channel=caller.session,
+        callee_channel="",
+        pushed=pushed,
+        ring_deadline=now + timedelta(seconds=ring_seconds),
+        caller_device=caller.device,
+        created_at=now,
+    )
+
+
+def busy(record: CallRecord) -> CallRecord:
+    """A call refused at its start because its callee has a live call: ended, never rung, never pushed."""
+    return replace(
+        record,
+        status=CallStatus.BUSY,
+        end_reason=EndReason.BUSY,
+        ring_deadline=None,
+        ended_at=record.created_at,
+        pushed=False,
+    )
 
 
 def not_ringing() -> SignalingError:

@@ -13,7 +13,7 @@ from collections import OrderedDict, defaultdict
 from dataclasses import replace
 from datetime import datetime
 
-from calls.callflow.board import Actor, CallRecord, decide_accept, decide_end, not_ringing
+from calls.callflow.board import Actor, CallRecord, busy, decide_accept, decide_end, not_ringing
 from calls.callflow.states import CallStatus, EndReason
 from calls.wire import protocol
 from calls.wire.errors import SignalingError
@@ -40,16 +40,9 @@ class MemoryCallBoard:
         if not caller_multi and self._by_user.get(username_key(record.caller_username)):
             raise SignalingError(protocol.ALREADY_IN_CALL, "You are already in a call; end it first")
         if not callee_multi and self._by_user.get(username_key(record.callee_username)):
-            busy = replace(
-                record,
-                status=CallStatus.BUSY,
-                end_reason=EndReason.BUSY,
-                ring_deadline=None,
-                ended_at=record.created_at,
-                pushed=False,
-            )
-            self._keep(busy)
-            return busy
+            refused = busy(record)
+            self._keep(refused)
+            return refused
         self._live[record.call_id] = record
         self._index(record)
         return record

@@ -25,7 +25,6 @@ single Redis, not a cluster.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,10 +33,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
-from calls.callflow.board import Actor, CallRecord, not_ringing
+from calls.callflow.board import Actor, CallRecord, busy, not_ringing
 from calls.callflow.board_lua import ACCEPT, END, MOVE, RENEW, RESTORE, RINGING_FOR, SESSION_CALLS, START
 from calls.callflow.board_memory import KEEP_ENDED
-from calls.callflow.states import CallStatus, EndReason
+from calls.callflow.states import EndReason
 from calls.wire import protocol
 from calls.wire.errors import SignalingError
 from calls.wire.text import username_key
@@ -153,14 +152,7 @@ class RedisCallBoard:
             raise
         if ringing:
             return record
-        return replace(
-            record,
-            status=CallStatus.BUSY,
-            end_reason=EndReason.BUSY,
-            ring_deadline=None,
-            ended_at=record.created_at,
-            pushed=False,
-        )
+        return busy(record)
 
     async def accept(self, call_id: str, callee: Actor, now: datetime) -> CallRecord:
         args = [

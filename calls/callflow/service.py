@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -26,7 +25,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from calls.callflow import store as call_store
-from calls.callflow.board import SERVER, Actor, CallBoard, CallRecord, Transition
+from calls.callflow.board import SERVER, Actor, CallBoard, CallRecord, Transition, new_call
 from calls.callflow.history import FLUSH_TIMEOUT, HistoryWriter
 from calls.callflow.limits import CallLimits
 from calls.callflow.live import LiveCall
@@ -98,20 +97,7 @@ class CallService:
         """
         now = timezone.now()
         multi = settings.SIGNALING_MULTI_CALL_USERS
-        ringing = CallRecord(
-            call_id=str(uuid.uuid4()),
-            caller_username=caller.username,
-            caller_id=caller_id,
-            callee_username=callee_username,
-            status=CallStatus.RINGING,
-            end_reason=None,
-            caller_channel=caller.session,
-            callee_channel="",
-            pushed=push,
-            ring_deadline=now + timedelta(seconds=settings.SIGNALING_RING_TIMEOUT),
-            caller_device=caller.device,
-            created_at=now,
-        )
+        ringing = new_call(caller, caller_id, callee_username, now, settings.SIGNALING_RING_TIMEOUT, pushed=push)
         record = await self.board.start(ringing, caller.username in multi, callee_username in multi)
         self._record(record, "", caller, now)
         if record.end_reason == EndReason.BUSY:
@@ -325,11 +311,12 @@ class CallService:
         if record.caller_channel != ended_by:
             await self._send_or_retry(lambda: self.courier.send(record.caller_channel, caller_event), record.call_id)
         callee_event = events.call_ended(record.call_id, record.end_reason)
-        if ended_by and record.callee_channel == ended_by:
-            pass
-        elif record.callee_channel:
-            await self._send_or_retry(lambda: self.courier.send(record.callee_channel, callee_event), record.call_id)
-        else:
+        if record.callee_channel:
+            if record.callee_channel != ended_by:
+                await self._send_or_retry(
+                    lambda: self.courier.send(record.callee_channel, callee_event), record.call_id
+                )
+        else:  # it rang: every session of the callee, the one that refused it too
             callee = record.callee_username
             await self._send_or_retry(lambda: self.courier.send_to_user(callee, callee_event), record.call_id)
 

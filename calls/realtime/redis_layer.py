@@ -43,14 +43,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from channels.exceptions import ChannelFull
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
 from channels_redis.utils import _consistent_hash, _wrap_close, create_pool, decode_hosts
-from django.core.exceptions import ImproperlyConfigured
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
+
+from calls.realtime.versions import require_tested
 
 logger = logging.getLogger(__name__)
 
@@ -60,21 +60,9 @@ TESTED_VERSIONS = {"channels-redis": "4.3.0", "redis": "8.1.0"}
 
 def check_versions(installed: dict[str, str | None] | None = None) -> None:
     """Refuse to run with versions of channels-redis or redis-py this layer was not tested with."""
-    if installed is None:
-        installed = {}
-        for name in TESTED_VERSIONS:
-            try:
-                installed[name] = version(name)
-            except PackageNotFoundError:
-                installed[name] = None
-    wrong = {name: found for name, found in installed.items() if found != TESTED_VERSIONS[name]}
-    if wrong:
-        found = ", ".join(f"{name} {installed[name] or 'missing'}" for name in sorted(wrong))
-        tested = ", ".join(f"{name} {TESTED_VERSIONS[name]}" for name in sorted(wrong))
-        raise ImproperlyConfigured(
-            f"calls/realtime/redis_layer.py relies on {tested}, but found {found}: install requirements.lock "
-            "(make install), or check the layer against the new version and update TESTED_VERSIONS"
-        )
+    require_tested(
+        TESTED_VERSIONS, installed, "calls/realtime/redis_layer.py relies on", "check the layer against the new version"
+    )
 
 
 # Messages that may wait for Redis on one connection, and seconds a batch may take, when

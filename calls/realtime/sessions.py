@@ -111,6 +111,8 @@ class SessionRegistry:
 
     def __init__(self, layer: Any, hub: PresenceHub) -> None:
         self.layer = layer
+        # The layer's way to queue a message without waiting for it (calls/realtime/redis_layer.py), if it has one.
+        self._send_soon = getattr(layer, "send_soon", None)
         self.hub = hub
         # Where liveness probes are answered: this process's own channel (set at start).
         self.reply_channel = ""
@@ -188,11 +190,10 @@ class SessionRegistry:
         local = self._sessions.get(channel)
         if local is not None and local.enqueue(event):
             return
-        send_soon = getattr(self.layer, "send_soon", None)
-        if send_soon is None:
+        if self._send_soon is None:
             await self.layer.send(channel, event)
             return
-        send_soon(channel, event).add_done_callback(_log_relay_failure)
+        self._send_soon(channel, event).add_done_callback(_log_relay_failure)
 
     async def send_to_user(self, username: str, event: dict[str, Any]) -> None:
         """Send an event to every session of a user, on every process."""

@@ -45,14 +45,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from importlib.metadata import PackageNotFoundError, version
 from pprint import pformat
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 
 from calls.realtime.consumer import SOCKET_EXTENSION
+from calls.realtime.versions import require_tested
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +61,9 @@ TESTED_VERSIONS = {"daphne": "4.2.3", "autobahn": "26.11.1", "twisted": "26.10.0
 
 def check_versions(installed: dict[str, str | None] | None = None) -> None:
     """Refuse to start with versions of daphne, autobahn or Twisted the patches were not tested with."""
-    if installed is None:
-        installed = {}
-        for name in TESTED_VERSIONS:
-            try:
-                installed[name] = version(name)
-            except PackageNotFoundError:
-                installed[name] = None
-    wrong = {name: found for name, found in installed.items() if found != TESTED_VERSIONS[name]}
-    if wrong:
-        found = ", ".join(f"{name} {installed[name] or 'missing'}" for name in sorted(wrong))
-        tested = ", ".join(f"{name} {TESTED_VERSIONS[name]}" for name in sorted(wrong))
-        raise ImproperlyConfigured(
-            f"calls/server/daphne.py patches {tested}, but found {found}: install requirements.lock "
-            "(make install), or check each patch against the new version and update TESTED_VERSIONS"
-        )
+    require_tested(
+        TESTED_VERSIONS, installed, "calls/server/daphne.py patches", "check each patch against the new version"
+    )
 
 
 def buffered_bytes(transport: Any) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -24,7 +23,7 @@ from channels.testing import WebsocketCommunicator
 from django.utils import timezone
 
 from calls.callflow import store as call_store
-from calls.callflow.board import Actor, CallRecord, Transition
+from calls.callflow.board import Actor, Transition, new_call
 from calls.callflow.board_memory import MemoryCallBoard
 from calls.callflow.history import HistoryWriter
 from calls.callflow.states import CallStatus, EndReason
@@ -211,19 +210,7 @@ def played_call(
     async def play() -> list[Transition]:
         played = board or MemoryCallBoard()
         now = timezone.now()
-        record = CallRecord(
-            call_id=str(uuid.uuid4()),
-            caller_username=caller.username,
-            caller_id=caller_id,
-            callee_username=callee,
-            status=CallStatus.RINGING,
-            end_reason=None,
-            caller_channel=caller.session,
-            callee_channel="",
-            ring_deadline=now + timedelta(seconds=45),
-            caller_device=caller.device,
-            created_at=now,
-        )
+        record = new_call(caller, caller_id, callee, now, 45)
         record = await played.start(record, caller_multi=False, callee_multi=False)
         transitions = [Transition(record, "", caller, now)]
         for move, actor in moves:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from calls.callflow.board import SERVER, Actor, CallBoard, CallRecord
+from calls.callflow.board import SERVER, Actor, CallBoard, CallRecord, new_call
 from calls.callflow.states import END_STATUS, CallStatus, EndReason
 from calls.wire import protocol
 from calls.wire.errors import SignalingError
@@ -38,20 +38,7 @@ def at(seconds: float) -> datetime:
 
 def ringing(caller: Actor, callee: str, started: float = 0.0, pushed: bool = False) -> CallRecord:
     """A new call as the call service hands it to `start`."""
-    return CallRecord(
-        call_id=str(uuid.uuid4()),
-        caller_username=caller.username,
-        caller_id=f"id-{caller.username}",
-        callee_username=callee,
-        status=CallStatus.RINGING,
-        end_reason=None,
-        caller_channel=caller.session,
-        callee_channel="",
-        pushed=pushed,
-        ring_deadline=at(started + RING_S),
-        caller_device=caller.device,
-        created_at=at(started),
-    )
+    return new_call(caller, f"id-{caller.username}", callee, at(started), RING_S, pushed)
 
 
 async def rung(board: CallBoard, caller: Actor, callee: str, started: float = 0.0, multi: bool = False) -> CallRecord:

@@ -6,12 +6,11 @@ The same cases on both boards where both apply (`board`, from conftest); Redis's
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from calls.callflow.board import Actor, CallBoard, CallRecord
+from calls.callflow.board import Actor, CallBoard, CallRecord, new_call
 from calls.callflow.states import CallStatus, EndReason
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -25,20 +24,7 @@ def at(seconds: float) -> datetime:
 
 
 def ringing(caller: Actor, callee: str, pushed: bool = False) -> CallRecord:
-    return CallRecord(
-        call_id=str(uuid.uuid4()),
-        caller_username=caller.username,
-        caller_id=f"id-{caller.username}",
-        callee_username=callee,
-        status=CallStatus.RINGING,
-        end_reason=None,
-        caller_channel=caller.session,
-        callee_channel="",
-        pushed=pushed,
-        ring_deadline=at(45),
-        caller_device=caller.device,
-        created_at=at(0),
-    )
+    return new_call(caller, f"id-{caller.username}", callee, at(0), 45, pushed)
 
 
 async def test_an_end_timed_before_an_answer_decided_elsewhere_never_comes_before_it(board: CallBoard):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-import uuid
 from dataclasses import replace
 from datetime import timedelta
 
@@ -20,11 +19,11 @@ from django.db import OperationalError, connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from calls.callflow import history, service
+from calls.callflow import board, history, service
 from calls.callflow import store as call_store
 from calls.callflow.board import SERVER, Actor, CallRecord, Transition
 from calls.callflow.history import HistoryWriter
-from calls.callflow.states import CallStatus, EndReason
+from calls.callflow.states import EndReason
 from calls.models import Call, CallEvent
 from calls.observability import metrics
 from calls.presence.memory import MemoryPresenceStore
@@ -39,20 +38,7 @@ WAIT = 10.0
 
 def new_call(age: timedelta = timedelta(0)) -> CallRecord:
     """A call alice starts to bob, `age` ago."""
-    started = timezone.now() - age
-    return CallRecord(
-        call_id=str(uuid.uuid4()),
-        caller_username="alice",
-        caller_id="id-alice",
-        callee_username="bob",
-        status=CallStatus.RINGING,
-        end_reason=None,
-        caller_channel=ALICE.session,
-        callee_channel="",
-        ring_deadline=started + timedelta(seconds=45),
-        caller_device=ALICE.device,
-        created_at=started,
-    )
+    return board.new_call(ALICE, "id-alice", "bob", timezone.now() - age, 45)
 
 
 def created(record: CallRecord) -> Transition:
