@@ -107,9 +107,15 @@ class RedisCallBoard:
         # failed step reaches its caller: the client's request gets an error, the reaper
         # sweeps again.
         # A connection idle for 30 s is checked (PING) before a script goes on it: a Redis
-        # restart or an idle cut is found before a transition, not by one.
+        # restart or an idle cut is found before a transition, not by one. A Redis that
+        # stalls fails a step within the timeouts, as presence's do, instead of holding it.
         self.redis = aioredis.Redis.from_url(
-            url, decode_responses=True, retry=Retry(NoBackoff(), 0), health_check_interval=30
+            url,
+            decode_responses=True,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=30,
+            socket_connect_timeout=2,
+            socket_timeout=5,
         )
         self.live_ttl_ms = round(live_ttl * 1000)
         self.keep_ms = round(keep_ended * 1000)
